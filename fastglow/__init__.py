@@ -1,0 +1,8 @@
+"""fastglow: a fast, memory-frugal Glow for PyTorch, a drop-in for rosinality/glow-pytorch."""
+
+__version__ = "0.1.0"
+
+from .model import Glow  # noqa: E402
+from .reference import bits_per_dim, z_shapes  # noqa: E402
+
+__all__ = ["Glow", "bits_per_dim", "z_shapes", "__version__"]

@@ -1,0 +1,85 @@
+"""fastglow.Glow: the reference module tree (same parameters, buffers and state_dict keys), executed
+through :mod:`fastglow.ops` so each level can run fused kernels and reversible backprop."""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops, reference
+from .checks import check_config, check_image, check_img_size, check_z_list
+
+
+class Glow(reference.Glow):
+    """Drop-in for rosinality/glow-pytorch's ``Glow``.
+
+    Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
+    "triton") and ``reversible`` (constant-memory backprop).
+    """
+
+    def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
+                 conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
+                 reversible: bool = True):
+        check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
+                         hidden_channels=hidden_channels)
+        self.backend = backend
+        self.reversible = reversible
+        self.last_img_size: tuple[int, int] | None = None
+
+    def actnorm_initialized(self) -> bool:
+        return all(flow.actnorm.is_initialized for block in self.blocks for flow in block.flows)
+
+    def forward(self, x: torch.Tensor):
+        """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs)."""
+        check_image(x, self.in_channel, self.n_block)
+        self.last_img_size = (x.shape[2], x.shape[3])
+        if not self.actnorm_initialized():
+            # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
+            return super().forward(x)
+        backend = ops.resolve_backend(self.backend, x)
+        log_p_sum = x.new_zeros(x.shape[0])
+        logdet = x.new_zeros(x.shape[0])
+        z_outs = []
+        out = x
+        for block in self.blocks:
+            out = ops.squeeze(out, backend)
+            for flow in block.flows:
+                out, det = ops.flow_forward(flow, out, backend)
+                logdet = logdet + det
+            out, log_p, z = block.split_off(out)
+            log_p_sum = log_p_sum + log_p
+            z_outs.append(z)
+        return log_p_sum, logdet, z_outs
+
+    def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
+        """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
+        check_z_list(z_list, self.in_channel, self.n_block)
+        backend = ops.resolve_backend(self.backend, z_list[-1])
+        x = z_list[-1]
+        for block, z in zip(self.blocks[::-1], z_list[::-1]):
+            x = block.merge(x, z, reconstruct=reconstruct)
+            for flow in block.flows[::-1]:
+                x = ops.flow_reverse(flow, x, backend)
+            x = ops.unsqueeze(x, backend)
+        return x
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 0.7, img_size=None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Draw ``n`` images at ``temperature`` (latents ~ N(0, temperature^2) before the priors).
+
+        ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not isinstance(temperature, (int, float)) or temperature < 0:
+            raise ValueError(f"temperature must be a non-negative number, got {temperature!r}")
+        img_size = img_size if img_size is not None else self.last_img_size
+        if img_size is None:
+            raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")
+        img_size = check_img_size(img_size, self.n_block)
+        ref = next(self.parameters())
+        z_list = [temperature * torch.randn(n, *shape, generator=generator, dtype=ref.dtype,
+                                            device=ref.device)
+                  for shape in reference.z_shapes(self.in_channel, img_size, self.n_block)]
+        return self.reverse(z_list)
