@@ -42,14 +42,20 @@ class Glow(reference.Glow):
         z_outs = []
         out = x
         for block in self.blocks:
-            out = ops.squeeze(out, backend)
-            for flow in block.flows:
-                out, det = ops.flow_forward(flow, out, backend)
-                logdet = logdet + det
+            out, det = self._run_flows(block, ops.squeeze(out, backend), backend)
+            logdet = logdet + det
             out, log_p, z = block.split_off(out)
             log_p_sum = log_p_sum + log_p
             z_outs.append(z)
         return log_p_sum, logdet, z_outs
+
+    def _run_flows(self, block: reference.Block, x: torch.Tensor, backend: str):
+        """A level's K flow steps on its squeezed input: -> (output, logdet [B])."""
+        logdet = x.new_zeros(x.shape[0])
+        for flow in block.flows:
+            x, det = ops.flow_forward(flow, x, backend)
+            logdet = logdet + det
+        return x, logdet
 
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
@@ -58,8 +64,9 @@ class Glow(reference.Glow):
         x = z_list[-1]
         for block, z in zip(self.blocks[::-1], z_list[::-1]):
             x = block.merge(x, z, reconstruct=reconstruct)
-            for flow in block.flows[::-1]:
-                x = ops.flow_reverse(flow, x, backend)
+            weights = ops.level_step_weights(block.flows) if backend == "triton" else [None] * len(block.flows)
+            for flow, step_weights in zip(block.flows[::-1], weights[::-1]):
+                x = ops.flow_reverse(flow, x, backend, step_weights)
             x = ops.unsqueeze(x, backend)
         return x
 

@@ -1,14 +1,23 @@
 """One function per fused operation of a Glow level, dispatching on the backend.
 
 ``eager`` calls the reference maths (:mod:`fastglow.reference`); ``triton`` runs the fused kernels of
-:mod:`fastglow.kernels` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+:mod:`fastglow.kernels` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``) through the
+``torch.autograd.Function`` wrappers below.
+
+Triton flow step (ActNorm and the 1x1 conv folded into one per-pixel affine map):
+    y = A x + c,  A = W diag(scale),  c = W (scale * loc)           (inverse: x = A^-1 y - loc)
+    out = coupling(y, h_raw = NN_raw(y_a), zscale)                   (NN's exp(3 * zscale) folded in)
+    logdet = H W (sum log|scale| + log|det W|) + sum log s
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
+from torch.nn import functional as F
 
 from . import reference
 
@@ -25,23 +34,168 @@ def resolve_backend(requested: str, x: torch.Tensor) -> str:
         if not (x.is_cuda or triton_interpreter_enabled()):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                              f"got a tensor on {x.device}")
-        raise NotImplementedError("the Triton backend is not built yet; use backend='eager'")
+        if x.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"backend='triton' runs float32 or float64, got {x.dtype}")
     return requested
 
 
+def _kernels():
+    """Import triton lazily: TRITON_INTERPRET must be decided before triton is first imported."""
+    from .kernels import flow_step, lu_weight, squeeze
+    return flow_step, lu_weight, squeeze
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions around the kernels
+# ----------------------------------------------------------------------------------------------
+class SqueezeFunction(torch.autograd.Function):
+    """2x2 space-to-depth (or its inverse): a permutation, so each direction's gradient is the other."""
+
+    @staticmethod
+    def forward(ctx, x, inverse: bool):
+        ctx.inverse = inverse
+        _, _, sq = _kernels()
+        return sq.unsqueeze_forward(x) if inverse else sq.squeeze_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        _, _, sq = _kernels()
+        return (sq.squeeze_forward(grad) if ctx.inverse else sq.unsqueeze_forward(grad)), None
+
+
+class LUWeightFunction(torch.autograd.Function):
+    """S stacked LU-parameterised weights at once: (W, W^-1, log|det W|), one launch each way."""
+
+    @staticmethod
+    def forward(ctx, perm, w_l, w_u, w_s, s_sign):
+        _, lu, _ = _kernels()
+        w, w_inv, logdet = lu.lu_weight_forward(perm, w_l, w_u, w_s, s_sign, inverse=True)
+        ctx.save_for_backward(perm, w_l, w_u, w_s, s_sign, w_inv)
+        return w, w_inv, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_w, grad_w_inv, grad_logdet):
+        _, lu, _ = _kernels()
+        perm, w_l, w_u, w_s, s_sign, w_inv = ctx.saved_tensors
+        g_l, g_u, g_s = lu.lu_weight_backward(perm, w_l, w_u, w_s, s_sign, w_inv, grad_w, grad_w_inv,
+                                              grad_logdet)
+        return None, g_l, g_u, g_s, None
+
+
+class ChannelMixFunction(torch.autograd.Function):
+    """y = A x + c per pixel (ActNorm + 1x1 conv), exact float32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        fs, _, _ = _kernels()
+        ctx.save_for_backward(x, weight)
+        return fs.channel_mix_forward(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        fs, _, _ = _kernels()
+        x, weight = ctx.saved_tensors
+        _, grad_x, grad_w, grad_b = fs.channel_mix_backward(None, grad_y, weight, x=x)
+        return grad_x, grad_w, grad_b
+
+
+class CouplingFunction(torch.autograd.Function):
+    """out = cat(y_a, combine(y_b, h_raw * exp(3 zscale))), logdet [B]; backward recomputes y from out."""
+
+    @staticmethod
+    def forward(ctx, y, h_raw, zscale, affine: bool):
+        fs, _, _ = _kernels()
+        _, out, logdet = fs.coupling_mix_forward(y, h_raw, zscale, affine=affine)
+        ctx.affine = affine
+        ctx.save_for_backward(out, h_raw, zscale)
+        return out, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_logdet):
+        fs, _, _ = _kernels()
+        out, h_raw, zscale = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        _, grad_y, grad_h, grad_zs = fs.coupling_backward(out, grad_out, h_raw, zscale, grad_logdet,
+                                                          affine=ctx.affine)
+        return grad_y, grad_h, grad_zs, None
+
+
+# ----------------------------------------------------------------------------------------------
+# The operations
+# ----------------------------------------------------------------------------------------------
 def squeeze(x: torch.Tensor, backend: str) -> torch.Tensor:
     """2x2 space-to-depth in rosinality's channel order."""
-    return reference.squeeze2d(x)
+    return SqueezeFunction.apply(x, False) if backend == "triton" else reference.squeeze2d(x)
 
 
 def unsqueeze(x: torch.Tensor, backend: str) -> torch.Tensor:
-    return reference.unsqueeze2d(x)
+    return SqueezeFunction.apply(x, True) if backend == "triton" else reference.unsqueeze2d(x)
 
 
-def flow_forward(flow: reference.Flow, x: torch.Tensor, backend: str):
+@dataclass
+class StepWeights:
+    """One step's ActNorm + 1x1 conv folded: y = A x + c, x = A_inv y + inv_bias; and the per-pixel
+    parameter logdet sum log|scale| + log|det W|."""
+    A: torch.Tensor
+    c: torch.Tensor
+    A_inv: torch.Tensor
+    inv_bias: torch.Tensor
+    logdet_per_pixel: torch.Tensor
+
+
+def level_step_weights(flows) -> list[StepWeights]:
+    """Fold every step of a level; all LU weights of the level come from one batched kernel launch."""
+    invs = [flow.invconv for flow in flows]
+    if all(isinstance(inv, reference.InvConv2dLU) for inv in invs):
+        _, lu, _ = _kernels()
+        perm = lu.perm_from_matrix(torch.stack([inv.w_p for inv in invs]))
+        w, w_inv, w_logdet = LUWeightFunction.apply(
+            perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
+    else:
+        w = torch.stack([inv.calc_weight() for inv in invs])
+        w_inv = torch.linalg.inv(w)
+        w_logdet = torch.stack([inv.log_abs_det() for inv in invs])
+    steps = []
+    for k, flow in enumerate(flows):
+        scale, loc = flow.actnorm.scale.reshape(-1), flow.actnorm.loc.reshape(-1)
+        steps.append(StepWeights(
+            A=w[k] * scale, c=w[k] @ (scale * loc), A_inv=w_inv[k] / scale[:, None], inv_bias=-loc,
+            logdet_per_pixel=torch.log(scale.abs()).sum() + w_logdet[k]))
+    return steps
+
+
+def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
+    """The coupling network without its final exp(3 * scale): (h_raw, zscale)."""
+    net = coupling.net
+    hidden = net[3](net[2](net[1](net[0](x_a))))
+    return net[4].conv(F.pad(hidden, [1, 1, 1, 1], value=1)), net[4].scale.reshape(-1)
+
+
+def flow_forward(flow: reference.Flow, x: torch.Tensor, backend: str, weights: StepWeights | None = None):
     """One flow step (ActNorm, 1x1 conv, coupling): x -> (y, logdet [B])."""
-    return flow(x)
+    if backend != "triton":
+        return flow(x)
+    weights = weights if weights is not None else level_step_weights([flow])[0]
+    y = ChannelMixFunction.apply(x, weights.A, weights.c)
+    h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
+    out, logdet = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
+    return out, logdet + x.shape[2] * x.shape[3] * weights.logdet_per_pixel
 
 
-def flow_reverse(flow: reference.Flow, y: torch.Tensor, backend: str) -> torch.Tensor:
-    return flow.reverse(y)
+def flow_reverse(flow: reference.Flow, y: torch.Tensor, backend: str,
+                 weights: StepWeights | None = None) -> torch.Tensor:
+    """Inverse of one flow step. The Triton path (uncombine and inverse mix in one kernel) is not
+    differentiable: while autograd records, the step runs eagerly."""
+    if backend != "triton" or (torch.is_grad_enabled() and
+                               (y.requires_grad or any(p.requires_grad for p in flow.parameters()))):
+        return flow.reverse(y)
+    fs, _, _ = _kernels()
+    weights = weights if weights is not None else level_step_weights([flow])[0]
+    h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
+    x, _, _ = fs.coupling_mix_forward(y, h_raw, zscale, weights.A_inv, weights.inv_bias,
+                                      affine=flow.coupling.affine, inverse=True)
+    return x
