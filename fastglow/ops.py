@@ -124,6 +124,35 @@ class CouplingFunction(torch.autograd.Function):
         return grad_y, grad_h, grad_zs, None
 
 
+class CouplingMixFunction(torch.autograd.Function):
+    """Coupling of step k fused with the ActNorm + 1x1 mix of step k+1 in one pass:
+    y' = A cat(y_a, combine(y_b, h)) + c, logdet [B]. The coupled tensor is written only when a
+    gradient will need it."""
+
+    @staticmethod
+    def forward(ctx, y, h_raw, zscale, weight, bias, affine: bool):
+        fs, _, _ = _kernels()
+        store = any(ctx.needs_input_grad)
+        mixed, coupled, logdet = fs.coupling_mix_forward(y, h_raw, zscale, weight, bias, affine=affine,
+                                                         store_coupled=store)
+        ctx.affine = affine
+        if store:
+            ctx.save_for_backward(coupled, h_raw, zscale, weight)
+        return mixed, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixed, grad_logdet):
+        fs, _, _ = _kernels()
+        coupled, h_raw, zscale, weight = ctx.saved_tensors
+        if grad_mixed is None:
+            grad_mixed = torch.zeros_like(coupled)
+        _, grad_coupled, grad_w, grad_b = fs.channel_mix_backward(None, grad_mixed, weight, x=coupled)
+        _, grad_y, grad_h, grad_zs = fs.coupling_backward(coupled, grad_coupled, h_raw, zscale, grad_logdet,
+                                                          affine=ctx.affine)
+        return grad_y, grad_h, grad_zs, grad_w, grad_b, None
+
+
 # ----------------------------------------------------------------------------------------------
 # The operations
 # ----------------------------------------------------------------------------------------------
@@ -159,13 +188,13 @@ def level_step_weights(flows) -> list[StepWeights]:
         w = torch.stack([inv.calc_weight() for inv in invs])
         w_inv = torch.linalg.inv(w)
         w_logdet = torch.stack([inv.log_abs_det() for inv in invs])
-    steps = []
-    for k, flow in enumerate(flows):
-        scale, loc = flow.actnorm.scale.reshape(-1), flow.actnorm.loc.reshape(-1)
-        steps.append(StepWeights(
-            A=w[k] * scale, c=w[k] @ (scale * loc), A_inv=w_inv[k] / scale[:, None], inv_bias=-loc,
-            logdet_per_pixel=torch.log(scale.abs()).sum() + w_logdet[k]))
-    return steps
+    scale = torch.stack([flow.actnorm.scale.reshape(-1) for flow in flows])  # (K, C)
+    loc = torch.stack([flow.actnorm.loc.reshape(-1) for flow in flows])
+    a = w * scale[:, None, :]
+    c = (w @ (scale * loc)[:, :, None])[:, :, 0]
+    a_inv = w_inv / scale[:, :, None]
+    logdet_pp = torch.log(scale.abs()).sum(1) + w_logdet
+    return [StepWeights(a[k], c[k], a_inv[k], -loc[k], logdet_pp[k]) for k in range(len(flows))]
 
 
 def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
@@ -199,3 +228,27 @@ def flow_reverse(flow: reference.Flow, y: torch.Tensor, backend: str,
     x, _, _ = fs.coupling_mix_forward(y, h_raw, zscale, weights.A_inv, weights.inv_bias,
                                       affine=flow.coupling.affine, inverse=True)
     return x
+
+
+def level_forward(flows, x: torch.Tensor, backend: str):
+    """A level's K flow steps: x -> (y, logdet [B]). Triton: one batched LU launch, then one fused
+    kernel per step (the coupling of step k with the ActNorm + 1x1 of step k+1); the coupling
+    networks run in torch between them."""
+    if backend != "triton":
+        logdet = x.new_zeros(x.shape[0])
+        for flow in flows:
+            x, det = flow_forward(flow, x, backend)
+            logdet = logdet + det
+        return x, logdet
+    weights = level_step_weights(flows)
+    logdet = x.shape[2] * x.shape[3] * sum(w.logdet_per_pixel for w in weights)
+    y = ChannelMixFunction.apply(x, weights[0].A, weights[0].c)
+    for k, flow in enumerate(flows):
+        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
+        if k + 1 < len(flows):
+            y, det = CouplingMixFunction.apply(y, h_raw, zscale, weights[k + 1].A, weights[k + 1].c,
+                                               flow.coupling.affine)
+        else:
+            y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
+        logdet = logdet + det
+    return y, logdet
