@@ -7,6 +7,7 @@ import torch
 
 from . import ops, reference
 from .checks import check_config, check_image, check_img_size, check_z_list
+from .reversible import reversible_steps
 
 
 class Glow(reference.Glow):
@@ -50,12 +51,20 @@ class Glow(reference.Glow):
         return log_p_sum, logdet, z_outs
 
     def _run_flows(self, block: reference.Block, x: torch.Tensor, backend: str):
-        """A level's K flow steps on its squeezed input: -> (output, logdet [B])."""
-        logdet = x.new_zeros(x.shape[0])
-        for flow in block.flows:
-            x, det = ops.flow_forward(flow, x, backend)
-            logdet = logdet + det
-        return x, logdet
+        """A level's K flow steps on its squeezed input: -> (output, logdet [B]).
+
+        ``reversible``: activations are rebuilt by inversion in backward (memory flat in K), else plain
+        autograd. The Triton backend fuses the forward across steps and each step's backward from its output.
+        """
+        def level_forward(flows, v):
+            return ops.level_forward(flows, v, backend)
+
+        if not self.reversible:
+            return level_forward(block.flows, x)
+        return reversible_steps(
+            block.flows, x, lambda flow, v: ops.flow_forward(flow, v, backend),
+            lambda flow, v: ops.flow_reverse(flow, v, backend), level_forward=level_forward,
+            backward_from_output=ops.flow_backward_from_output if backend == "triton" else None)
 
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""

@@ -252,3 +252,37 @@ def level_forward(flows, x: torch.Tensor, backend: str):
             y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
         logdet = logdet + det
     return y, logdet
+
+
+def flow_backward_from_output(flow: reference.Flow, y: torch.Tensor, grad_y: torch.Tensor,
+                              grad_logdet: torch.Tensor | None, x: torch.Tensor | None = None):
+    """Reversible backward of one Triton flow step from its output: -> (x, grad_x, parameter grads).
+
+    The coupling network runs once, with grad, on y_a = out_a. One kernel rebuilds the coupling input
+    y' and gives grad_y', d h_raw, d zscale; autograd takes those through the network (adding its path
+    into y'_a); one kernel rebuilds the step input x = A^-1 y' - loc and gives grad_x, grad_A, grad_c;
+    autograd takes those (and the parameter logdet H W (sum log|scale| + log|det W|)) to loc, scale, W.
+    Parameter gradients come in ``flow.parameters()`` order, None for parameters without requires_grad.
+    A known input ``x`` (a level's stored input) is used instead of its reconstruction.
+    """
+    fs, _, _ = _kernels()
+    half = y.shape[1] // 2
+    with torch.enable_grad():
+        weights = level_step_weights([flow])[0]
+        y_a = y[:, :half].detach().requires_grad_()
+        h_raw, zscale = coupling_net_raw(flow.coupling, y_a)
+    y_mix, grad_mix, grad_h, grad_zs = fs.coupling_backward(y, grad_y, h_raw.detach(), zscale.detach(),
+                                                            grad_logdet, affine=flow.coupling.affine)
+    net_params = [p for p in flow.coupling.parameters() if p.requires_grad]
+    grads = torch.autograd.grad([h_raw, zscale], [y_a, *net_params], [grad_h, grad_zs], allow_unused=True)
+    grad_mix[:, :half] += grads[0]
+    x, grad_x, grad_a, grad_c = fs.channel_mix_backward(y_mix, grad_mix, weights.A.detach(),
+                                                        weights.A_inv.detach(), weights.inv_bias.detach(), x=x)
+    fold_params = [p for m in (flow.actnorm, flow.invconv) for p in m.parameters() if p.requires_grad]
+    outputs, grad_outputs = [weights.A, weights.c], [grad_a, grad_c]
+    if grad_logdet is not None:
+        outputs.append(weights.logdet_per_pixel)
+        grad_outputs.append(y.shape[2] * y.shape[3] * grad_logdet.sum())
+    fold_grads = torch.autograd.grad(outputs, fold_params, grad_outputs, allow_unused=True) if fold_params else ()
+    by_param = dict(zip(map(id, net_params), grads[1:])) | dict(zip(map(id, fold_params), fold_grads))
+    return x, grad_x, [by_param.get(id(p)) for p in flow.parameters()]

@@ -52,12 +52,12 @@ def test_coupling_function_gradcheck(affine):
     assert torch.autograd.gradcheck(lambda *a: ops.CouplingFunction.apply(*a, affine), (y, h_raw, zscale))
 
 
-def _models(affine, conv_lu, dtype):
+def _models(affine, conv_lu, dtype, reversible=False):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8, dtype=dtype) - 0.5
     kw = dict(affine=affine, conv_lu=conv_lu, hidden_channels=16)
     ref = initialized_model(reference.Glow(3, 2, 2, **kw).to(dtype), x, sigma=0.3)
-    fast = {b: fastglow.Glow(3, 2, 2, backend=b, reversible=False, **kw).to(dtype) for b in ("eager", "triton")}
+    fast = {b: fastglow.Glow(3, 2, 2, backend=b, reversible=reversible, **kw).to(dtype) for b in ("eager", "triton")}
     for m in fast.values():
         m.load_state_dict(ref.state_dict())
     return ref, fast, x
@@ -76,10 +76,12 @@ def _run(model, x):
                 sample=sample, grad_x=xi.grad), grads
 
 
-@pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("affine,conv_lu,reversible", [(True, True, False), (False, True, True),
+                                                       (True, False, True), (False, False, False)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
-def test_triton_model_matches_eager_and_reference(affine, conv_lu, dtype, tol):
-    ref, fast, x = _models(affine, conv_lu, dtype)
+def test_triton_model_matches_eager_and_reference(affine, conv_lu, reversible, dtype, tol):
+    """Plain autograd and reversible backprop (fused forward across steps, fused backward from output)."""
+    ref, fast, x = _models(affine, conv_lu, dtype, reversible)
     out_ref, grad_ref = _run(ref, x)
     for backend in ("eager", "triton"):
         out, grads = _run(fast[backend], x)
@@ -133,3 +135,18 @@ def test_fused_level_forward_matches_per_step(affine, conv_lu):
     assert _rel(y_t, y_e) <= 1e-12 and _rel(ld_t, ld_e) <= 1e-12 and _rel(gx_t, gx_e) <= 1e-10
     for a, b in zip(gp_t, gp_e):
         assert _rel(a, b) <= 1e-10
+
+
+@pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_flow_backward_from_output_matches_autograd(affine, conv_lu, dtype, tol):
+    ref, _, _ = _models(affine, conv_lu, dtype)
+    flow = ref.blocks[0].flows[1]
+    x = torch.randn(2, 12, 4, 4, dtype=dtype, requires_grad=True)
+    y, logdet = flow(x)
+    grad_y, grad_logdet = torch.randn_like(y), torch.randn(2, dtype=dtype)
+    expected = torch.autograd.grad([y, logdet], [x, *flow.parameters()], [grad_y, grad_logdet])
+    x_rec, grad_x, param_grads = ops.flow_backward_from_output(flow, y.detach(), grad_y, grad_logdet)
+    assert _rel(x_rec, x) <= tol and _rel(grad_x, expected[0]) <= tol
+    for got, want in zip(param_grads, expected[1:]):
+        assert _rel(got, want) <= 10 * tol
