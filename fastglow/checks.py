@@ -80,3 +80,12 @@ def check_z_list(z_list, in_channel: int, n_block: int) -> None:
             raise ValueError(f"z_list[{i}] has shape {tuple(z.shape)}, expected {(last.shape[0], *shape)}")
         if z.dtype != last.dtype or z.device != last.device:
             raise TypeError(f"z_list[{i}] is {z.dtype} on {z.device}, z_list[-1] is {last.dtype} on {last.device}")
+
+
+def check_matches_model(name: str, t: torch.Tensor, reference: torch.Tensor) -> None:
+    """t must have the dtype and device of the model's parameters (``reference``)."""
+    if t.dtype != reference.dtype:
+        raise TypeError(f"{name} is {t.dtype} but the model's parameters are {reference.dtype}; "
+                        f"convert one of them (e.g. model.to({t.dtype}))")
+    if t.device != reference.device:
+        raise ValueError(f"{name} is on {t.device} but the model is on {reference.device}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import ops, reference
-from .checks import check_config, check_image, check_img_size, check_z_list
+from .checks import check_config, check_image, check_img_size, check_matches_model, check_z_list
 from .reversible import reversible_steps
 
 
@@ -33,6 +33,7 @@ class Glow(reference.Glow):
     def forward(self, x: torch.Tensor):
         """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs)."""
         check_image(x, self.in_channel, self.n_block)
+        check_matches_model("input", x, self.blocks[0].prior.scale)
         self.last_img_size = (x.shape[2], x.shape[3])
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
@@ -69,6 +70,7 @@ class Glow(reference.Glow):
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
         check_z_list(z_list, self.in_channel, self.n_block)
+        check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
         backend = ops.resolve_backend(self.backend, z_list[-1])
         x = z_list[-1]
         for block, z in zip(self.blocks[::-1], z_list[::-1]):

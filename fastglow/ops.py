@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from . import reference
+from .reversible import parameter_slots
 
 
 def triton_interpreter_enabled() -> bool:
@@ -27,9 +28,10 @@ def triton_interpreter_enabled() -> bool:
 
 
 def resolve_backend(requested: str, x: torch.Tensor) -> str:
-    """``auto`` -> ``triton`` on CUDA tensors and ``eager`` elsewhere; refuse ``triton`` where it cannot run."""
+    """``auto`` -> ``triton`` on float32/float64 CUDA tensors, else ``eager``; refuse ``triton`` where it
+    cannot run."""
     if requested == "auto":
-        requested = "triton" if x.is_cuda else "eager"
+        requested = "triton" if x.is_cuda and x.dtype in (torch.float32, torch.float64) else "eager"
     if requested == "triton":
         if not (x.is_cuda or triton_interpreter_enabled()):
             raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
@@ -71,6 +73,7 @@ class LUWeightFunction(torch.autograd.Function):
         _, lu, _ = _kernels()
         w, w_inv, logdet = lu.lu_weight_forward(perm, w_l, w_u, w_s, s_sign, inverse=True)
         ctx.save_for_backward(perm, w_l, w_u, w_s, s_sign, w_inv)
+        ctx.set_materialize_grads(False)  # an unused W^-1 costs the backward kernel nothing
         return w, w_inv, logdet
 
     @staticmethod
@@ -130,9 +133,8 @@ class CouplingMixFunction(torch.autograd.Function):
     gradient will need it."""
 
     @staticmethod
-    def forward(ctx, y, h_raw, zscale, weight, bias, affine: bool):
+    def forward(ctx, y, h_raw, zscale, weight, bias, affine: bool, store: bool):
         fs, _, _ = _kernels()
-        store = any(ctx.needs_input_grad)
         mixed, coupled, logdet = fs.coupling_mix_forward(y, h_raw, zscale, weight, bias, affine=affine,
                                                          store_coupled=store)
         ctx.affine = affine
@@ -150,7 +152,7 @@ class CouplingMixFunction(torch.autograd.Function):
         _, grad_coupled, grad_w, grad_b = fs.channel_mix_backward(None, grad_mixed, weight, x=coupled)
         _, grad_y, grad_h, grad_zs = fs.coupling_backward(coupled, grad_coupled, h_raw, zscale, grad_logdet,
                                                           affine=ctx.affine)
-        return grad_y, grad_h, grad_zs, grad_w, grad_b, None
+        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,7 +179,13 @@ class StepWeights:
 
 
 def level_step_weights(flows) -> list[StepWeights]:
-    """Fold every step of a level; all LU weights of the level come from one batched kernel launch."""
+    """Fold every step of a level; all LU weights of the level come from one batched kernel launch.
+    Runs in full precision whatever autocast says: these maps must invert exactly."""
+    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        return _fold_level_weights(flows)
+
+
+def _fold_level_weights(flows) -> list[StepWeights]:
     invs = [flow.invconv for flow in flows]
     if all(isinstance(inv, reference.InvConv2dLU) for inv in invs):
         _, lu, _ = _kernels()
@@ -191,17 +199,19 @@ def level_step_weights(flows) -> list[StepWeights]:
     scale = torch.stack([flow.actnorm.scale.reshape(-1) for flow in flows])  # (K, C)
     loc = torch.stack([flow.actnorm.loc.reshape(-1) for flow in flows])
     a = w * scale[:, None, :]
-    c = (w @ (scale * loc)[:, :, None])[:, :, 0]
+    c = (w * (scale * loc)[:, None, :]).sum(-1)  # elementwise: never a TF32 matmul
     a_inv = w_inv / scale[:, :, None]
     logdet_pp = torch.log(scale.abs()).sum(1) + w_logdet
     return [StepWeights(a[k], c[k], a_inv[k], -loc[k], logdet_pp[k]) for k in range(len(flows))]
 
 
 def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
-    """The coupling network without its final exp(3 * scale): (h_raw, zscale)."""
+    """The coupling network without its final exp(3 * scale): (h_raw, zscale); h_raw in x_a's dtype
+    (the network itself may run under autocast)."""
     net = coupling.net
     hidden = net[3](net[2](net[1](net[0](x_a))))
-    return net[4].conv(F.pad(hidden, [1, 1, 1, 1], value=1)), net[4].scale.reshape(-1)
+    h_raw = net[4].conv(F.pad(hidden, [1, 1, 1, 1], value=1))
+    return h_raw.to(x_a.dtype), net[4].scale.reshape(-1)
 
 
 def flow_forward(flow: reference.Flow, x: torch.Tensor, backend: str, weights: StepWeights | None = None):
@@ -220,7 +230,7 @@ def flow_reverse(flow: reference.Flow, y: torch.Tensor, backend: str,
     """Inverse of one flow step. The Triton path (uncombine and inverse mix in one kernel) is not
     differentiable: while autograd records, the step runs eagerly."""
     if backend != "triton" or (torch.is_grad_enabled() and
-                               (y.requires_grad or any(p.requires_grad for p in flow.parameters()))):
+                               (y.requires_grad or any(t.requires_grad for _, _, t in parameter_slots(flow)))):
         return flow.reverse(y)
     fs, _, _ = _kernels()
     weights = weights if weights is not None else level_step_weights([flow])[0]
@@ -247,7 +257,7 @@ def level_forward(flows, x: torch.Tensor, backend: str):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
         if k + 1 < len(flows):
             y, det = CouplingMixFunction.apply(y, h_raw, zscale, weights[k + 1].A, weights[k + 1].c,
-                                               flow.coupling.affine)
+                                               flow.coupling.affine, torch.is_grad_enabled())
         else:
             y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
         logdet = logdet + det
@@ -273,16 +283,19 @@ def flow_backward_from_output(flow: reference.Flow, y: torch.Tensor, grad_y: tor
         h_raw, zscale = coupling_net_raw(flow.coupling, y_a)
     y_mix, grad_mix, grad_h, grad_zs = fs.coupling_backward(y, grad_y, h_raw.detach(), zscale.detach(),
                                                             grad_logdet, affine=flow.coupling.affine)
-    net_params = [p for p in flow.coupling.parameters() if p.requires_grad]
-    grads = torch.autograd.grad([h_raw, zscale], [y_a, *net_params], [grad_h, grad_zs], allow_unused=True)
+    net_params = [t for _, _, t in parameter_slots(flow.coupling) if t.requires_grad]
+    net_out = [(t, g) for t, g in ((h_raw, grad_h), (zscale, grad_zs)) if t.requires_grad]
+    grads = torch.autograd.grad([t for t, _ in net_out], [y_a, *net_params], [g for _, g in net_out],
+                                allow_unused=True)
     grad_mix[:, :half] += grads[0]
     x, grad_x, grad_a, grad_c = fs.channel_mix_backward(y_mix, grad_mix, weights.A.detach(),
                                                         weights.A_inv.detach(), weights.inv_bias.detach(), x=x)
-    fold_params = [p for m in (flow.actnorm, flow.invconv) for p in m.parameters() if p.requires_grad]
-    outputs, grad_outputs = [weights.A, weights.c], [grad_a, grad_c]
+    fold_params = [t for m in (flow.actnorm, flow.invconv) for _, _, t in parameter_slots(m) if t.requires_grad]
+    fold_out = [(weights.A, grad_a), (weights.c, grad_c)]
     if grad_logdet is not None:
-        outputs.append(weights.logdet_per_pixel)
-        grad_outputs.append(y.shape[2] * y.shape[3] * grad_logdet.sum())
-    fold_grads = torch.autograd.grad(outputs, fold_params, grad_outputs, allow_unused=True) if fold_params else ()
+        fold_out.append((weights.logdet_per_pixel, y.shape[2] * y.shape[3] * grad_logdet.sum()))
+    fold_out = [(t, g) for t, g in fold_out if t.requires_grad]
+    fold_grads = torch.autograd.grad([t for t, _ in fold_out], fold_params, [g for _, g in fold_out],
+                                     allow_unused=True) if fold_params else ()
     by_param = dict(zip(map(id, net_params), grads[1:])) | dict(zip(map(id, fold_params), fold_grads))
-    return x, grad_x, [by_param.get(id(p)) for p in flow.parameters()]
+    return x, grad_x, [by_param.get(id(t)) for _, _, t in parameter_slots(flow)]

@@ -82,7 +82,7 @@ def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, step_forward: 
     steps = list(steps)
     _check_arguments(steps, x, step_forward, step_inverse)
     step_ops = StepOps(step_forward, step_inverse, level_forward, backward_from_output)
-    params_per_step = [list(step.parameters()) for step in steps]
+    params_per_step = [[t for _, _, t in parameter_slots(step)] for step in steps]
     params = [p for step_params in params_per_step for p in step_params]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         return step_ops.run(steps, x)
@@ -132,7 +132,11 @@ class ReversibleSteps(torch.autograd.Function):
                         ctx.step_ops.backward_from_output, step, params[lo:hi], needs_param_grad[lo:hi], y, grad,
                         grad_logdet, x0 if k == 0 else None)
                     continue
-                x = x0 if k == 0 else ctx.step_ops.inverse(step, y)  # reconstruct: x_k = f_k^-1(x_{k+1})
+                if k == 0:
+                    x = x0
+                else:  # reconstruct x_k = f_k^-1(x_{k+1}) with the parameters forward saw
+                    with _bound_parameters(step, [p.detach() for p in params[lo:hi]]):
+                        x = ctx.step_ops.inverse(step, y)
                 y = None  # free step k's output before recomputing it (the level output stays saved in ctx)
                 grad, param_grads[lo:hi] = recompute_step_backward(
                     step, params[lo:hi], needs_param_grad[lo:hi], x, grad, grad_logdet,
@@ -176,20 +180,36 @@ def _bound_parameters(step: nn.Module, tensors: Sequence[torch.Tensor]):
     """Inside the block ``step``'s parameters (``step.parameters()`` order) are ``tensors``, so the
     recomputation uses exactly the values forward saw (also under ``torch.func.functional_call``) and
     ``torch.autograd.grad`` can differentiate with respect to them."""
-    current = list(step.parameters())
-    if len(current) != len(tensors):
+    slots = parameter_slots(step)
+    if len(slots) != len(tensors):
         raise RuntimeError(f"a step's parameters changed between forward and backward "
-                           f"({len(tensors)} then {len(current)})")
-    replacement = {id(p): t for p, t in zip(current, tensors)}
-    slots = [(module, name, p) for module in step.modules() for name, p in module._parameters.items()
-             if p is not None]
-    for module, name, p in slots:
-        module._parameters[name] = replacement[id(p)]
+                           f"({len(tensors)} then {len(slots)})")
+    for (module, name, _), tensor in zip(slots, tensors):
+        _set_parameter(module, name, tensor)
     try:
         yield
     finally:
-        for module, name, p in slots:
-            module._parameters[name] = p
+        for module, name, original in slots:
+            _set_parameter(module, name, original)
+
+
+def parameter_slots(step: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(owner, name, tensor) of every parameter of ``step`` in ``step.parameters()`` order. On an
+    ``nn.DataParallel`` replica the parameters are plain attributes (listed in ``_former_parameters``)
+    and ``step.parameters()`` is empty: the replicated tensors are returned then."""
+    slots = []
+    for module in step.modules():
+        source = module._former_parameters if getattr(module, "_is_replica", False) else module._parameters
+        slots += [(module, name, t) for name, t in source.items() if t is not None]
+    return slots
+
+
+def _set_parameter(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    if getattr(module, "_is_replica", False):
+        module.__dict__[name] = tensor
+        module._former_parameters[name] = tensor
+    else:
+        module._parameters[name] = tensor
 
 
 def _require_initialized(steps, where: str) -> None:

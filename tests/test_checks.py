@@ -96,3 +96,11 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     model(x)  # the first batch runs eagerly for ActNorm's init
     with pytest.raises(ValueError, match="CUDA tensors"):
         model(x)
+
+
+def test_dtype_mismatch_with_the_model_is_named(model):
+    with pytest.raises(TypeError, match="model's parameters are torch.float32"):
+        model(torch.zeros(2, 3, 8, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="model's parameters are torch.float32"):
+        model.reverse([z.double() for z in _z()])
+

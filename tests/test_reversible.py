@@ -254,3 +254,71 @@ def test_bad_arguments_are_refused():
         reversible_steps(flows, xs, None, inverse)
     with pytest.raises(ValueError, match="same shape"):
         reversible_steps(flows[:1], xs, lambda f, v: (f(v)[0][:, :4], f(v)[1]), inverse)
+
+
+def _tiny_pair(backend, reversible=True):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
+    kwargs = dict(hidden_channels=8, backend=backend)
+    plain = initialized_model(fastglow.Glow(3, 2, 3, reversible=False, **kwargs).double(), x, sigma=0.2)
+    rev = fastglow.Glow(3, 2, 3, reversible=reversible, **kwargs).double()
+    rev.load_state_dict(plain.state_dict())
+    return plain, rev, x
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_functional_call_with_other_parameters_gives_their_gradients(backend):
+    """Backward (inversion included) must use the parameters forward was called with, not the module's."""
+    plain, rev, x = _tiny_pair(backend)
+    gen = torch.Generator().manual_seed(3)
+    params = {n: (p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).detach().requires_grad_()
+              for n, p in plain.named_parameters()}
+    grads = []
+    for model in (plain, rev):
+        outputs = torch.func.functional_call(model, params, (x,))
+        grads.append(torch.autograd.grad(_loss(outputs), list(params.values())))
+    for name, a, b in zip(params, *grads):
+        assert _rel(b, a) <= 1e-9, name
+
+
+def _emulate_data_parallel_replica(module):
+    """What nn.DataParallel's replicate does to a module on each GPU, on CPU: every parameter becomes a
+    plain non-leaf attribute of the replica (listed in _former_parameters); replica.parameters() is empty."""
+    modules = list(module.modules())
+    replicas = {id(m): m._replicate_for_data_parallel() for m in modules}
+    for m in modules:
+        r = replicas[id(m)]
+        r._former_parameters = {}
+        for name, child in m._modules.items():
+            r._modules[name] = replicas[id(child)]
+        for name, p in m._parameters.items():
+            setattr(r, name, p.view_as(p))
+            r._former_parameters[name] = getattr(r, name)
+    return replicas[id(module)]
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_data_parallel_replicas_get_every_gradient(backend):
+    plain, rev, x = _tiny_pair(backend)
+    replica = _emulate_data_parallel_replica(rev)
+    assert list(replica.parameters()) == []
+    _loss(replica(x)).backward()
+    _loss(plain(x)).backward()
+    for (name, p), q in zip(rev.named_parameters(), plain.parameters()):
+        assert p.grad is not None, name
+        assert _rel(p.grad, q.grad) <= 1e-9, name
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+@pytest.mark.parametrize("frozen", ["coupling.net.4.scale", "coupling.", "actnorm.scale|invconv."])
+def test_frozen_parameter_groups(backend, frozen):
+    plain, rev, x = _tiny_pair(backend)
+    for model in (plain, rev):
+        for name, p in model.named_parameters():
+            p.requires_grad_(not any(f in name for f in frozen.split("|")))
+    _loss(rev(x)).backward()
+    _loss(plain(x)).backward()
+    for (name, p), q in zip(rev.named_parameters(), plain.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            assert _rel(p.grad, q.grad) <= 1e-9, name

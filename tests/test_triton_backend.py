@@ -116,7 +116,7 @@ def test_coupling_mix_function_gradcheck(affine):
     zscale = (0.3 * torch.randn(c if affine else c // 2, dtype=torch.float64)).requires_grad_()
     a = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: ops.CouplingMixFunction.apply(*t, affine), (y, h_raw, zscale, a, bias))
+    assert torch.autograd.gradcheck(lambda *t: ops.CouplingMixFunction.apply(*t, affine, True), (y, h_raw, zscale, a, bias))
 
 
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
