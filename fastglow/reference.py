@@ -147,7 +147,24 @@ def _forget_ready(module, *_args):
     module._ready = False  # a loaded state_dict may carry either value of `initialized`
 
 
-class InvConv2d(nn.Module):
+class _InvConv1x1(nn.Module):
+    """y = W x per pixel, logdet = H W log|det W|; subclasses say how W is parameterised."""
+
+    def calc_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_abs_det(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x):
+        w = self.calc_weight()
+        return F.conv2d(x, w[:, :, None, None]), x.shape[2] * x.shape[3] * self.log_abs_det()
+
+    def reverse(self, y):
+        return F.conv2d(y, torch.linalg.inv(self.calc_weight())[:, :, None, None])
+
+
+class InvConv2d(_InvConv1x1):
     """Invertible 1x1 convolution with a dense weight, initialised to a random rotation."""
 
     def __init__(self, in_channel: int):
@@ -162,15 +179,9 @@ class InvConv2d(nn.Module):
         w = self.calc_weight()
         return torch.linalg.slogdet(w.double())[1].to(w.dtype)
 
-    def forward(self, x):
-        w = self.calc_weight()
-        return F.conv2d(x, w[:, :, None, None]), x.shape[2] * x.shape[3] * self.log_abs_det()
-
-    def reverse(self, y):
-        return F.conv2d(y, torch.linalg.inv(self.calc_weight())[:, :, None, None])
 
 
-class InvConv2dLU(nn.Module):
+class InvConv2dLU(_InvConv1x1):
     """Invertible 1x1 convolution parameterised as W = P L U (a random rotation at init)."""
 
     def __init__(self, in_channel: int):
@@ -195,12 +206,6 @@ class InvConv2dLU(nn.Module):
     def log_abs_det(self) -> torch.Tensor:
         return self.w_s.sum()
 
-    def forward(self, x):
-        w = self.calc_weight()
-        return F.conv2d(x, w[:, :, None, None]), x.shape[2] * x.shape[3] * self.log_abs_det()
-
-    def reverse(self, y):
-        return F.conv2d(y, torch.linalg.inv(self.calc_weight())[:, :, None, None])
 
 
 class ZeroConv2d(nn.Module):

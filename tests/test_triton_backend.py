@@ -42,13 +42,18 @@ def test_channel_mix_function_gradcheck():
     assert torch.autograd.gradcheck(ops.ChannelMixFunction.apply, (x, a, c))
 
 
+def _coupling_operands(affine, c=6, seed=0):
+    """(y, h_raw, zscale) at a small odd shape, float64, requiring grad."""
+    torch.manual_seed(seed)
+    c_h = c if affine else c // 2
+    y = torch.randn(2, c, 1, 3, dtype=torch.float64, requires_grad=True)
+    h_raw = torch.randn(2, c_h, 1, 3, dtype=torch.float64, requires_grad=True)
+    return y, h_raw, (0.3 * torch.randn(c_h, dtype=torch.float64)).requires_grad_()
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_coupling_function_gradcheck(affine):
-    torch.manual_seed(0)
-    c = 6
-    y = torch.randn(2, c, 2, 3, dtype=torch.float64, requires_grad=True)
-    h_raw = torch.randn(2, c if affine else c // 2, 2, 3, dtype=torch.float64, requires_grad=True)
-    zscale = (0.3 * torch.randn(c if affine else c // 2, dtype=torch.float64)).requires_grad_()
+    y, h_raw, zscale = _coupling_operands(affine)
     assert torch.autograd.gradcheck(lambda *a: ops.CouplingFunction.apply(*a, affine), (y, h_raw, zscale))
 
 
@@ -109,11 +114,8 @@ def test_reverse_stays_differentiable_on_the_triton_backend():
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_coupling_mix_function_gradcheck(affine):
-    torch.manual_seed(1)
     c = 6
-    y = torch.randn(2, c, 2, 3, dtype=torch.float64, requires_grad=True)
-    h_raw = torch.randn(2, c if affine else c // 2, 2, 3, dtype=torch.float64, requires_grad=True)
-    zscale = (0.3 * torch.randn(c if affine else c // 2, dtype=torch.float64)).requires_grad_()
+    y, h_raw, zscale = _coupling_operands(affine, c, seed=1)
     a = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda *t: ops.CouplingMixFunction.apply(*t, affine, True), (y, h_raw, zscale, a, bias))
