@@ -13,7 +13,9 @@ $(BIN)/.installed: pyproject.toml
 	touch $@
 
 demo: $(BIN)/.installed
-	$(BIN)/fastglow demo
+	$(BIN)/fastglow train --data digits --out runs/demo --resume \
+		--n-flow 16 --n-block 2 --hidden 16 --affine --batch 64 --lr 2e-3 --warmup 100 --cooldown 1000 \
+		--steps 2000 --seed 0 --eval-every 500 --ckpt-every 500 --zoom 4 --no-reversible --threads 1
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q

@@ -1,24 +1,276 @@
-"""Data sets. The default, scikit-learn's bundled 8x8 digits (17 grey levels), needs no network."""
+"""Data sets and image files.
+
+A data set is a uint8 tensor of quantisation *levels* (N, C, H, W) with values in [0, n_bins) plus ``n_bins``:
+    digits   scikit-learn's bundled 8x8 digits, 17 grey levels (n_bins = 17), no network
+    folder   every image under a directory (Pillow), resized so the shorter side is ``img_size`` and
+             centre-cropped; 8-bit pixels v become levels v >> (8 - n_bits), n_bins = 2**n_bits
+    .npz     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, under the key ``images``
+             (or ``npz_key``; an archive with a single array needs none); quantised like a folder
+The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
+"""
 
 from __future__ import annotations
 
+import zipfile
+from pathlib import Path
+
+import numpy as np
 import torch
 
 DIGITS_LEVELS = 17  # pixel values 0..16
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+NPZ_DEFAULT_KEY = "images"
 
 
+class InputError(Exception):
+    """Bad user input (a file, a flag, a data set): the message names it; the CLI prints it on one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
 def load_digits(generator: torch.Generator | None = None, test_fraction: float = 0.2):
     """(train, test) integer tensors of shape (N, 1, 8, 8) with values in 0..16, shuffled and split."""
+    return split_dataset(digit_levels().to(torch.int64), test_fraction, generator)
+
+
+def digit_levels() -> torch.Tensor:
+    """All 1797 digits as uint8 levels (N, 1, 8, 8) in 0..16, read from the installed scikit-learn."""
     from sklearn.datasets import load_digits as sklearn_digits
 
-    images = torch.from_numpy(sklearn_digits().images).to(torch.int64).unsqueeze(1)
-    order = torch.randperm(images.shape[0], generator=generator)
-    n_test = int(round(images.shape[0] * test_fraction))
-    return images[order[n_test:]], images[order[:n_test]]
+    return torch.from_numpy(sklearn_digits().images.astype(np.uint8)).unsqueeze(1)
 
 
+def split_dataset(levels: torch.Tensor, test_fraction: float, generator: torch.Generator | None = None):
+    """Shuffle with ``generator`` and hold out round(N * test_fraction) images: -> (train, test)."""
+    order = torch.randperm(levels.shape[0], generator=generator)
+    n_test = int(round(levels.shape[0] * test_fraction))
+    return levels[order[n_test:]], levels[order[:n_test]]
+
+
+def load_dataset(source: str, img_size: int | None = None, channels: int | None = None,
+                 n_bits: int | None = None, npz_key: str | None = None):
+    """``source`` ("digits", a folder or an .npz file) -> (levels uint8 (N, C, H, W), n_bins).
+
+    ``img_size`` None keeps the native size (folders: 64); ``channels`` None keeps the native count
+    (folders: 1 if every image is grey, else 3); ``n_bits`` None means 5 for 8-bit sources.
+    """
+    if source == "digits":
+        if n_bits is not None:
+            raise InputError("--n-bits applies to 8-bit images; the digits have 17 levels of their own")
+        if channels not in (None, 1):
+            raise InputError(f"the digits are grey (1 channel), --channels {channels} was given")
+        if img_size not in (None, 8):
+            raise InputError(f"the digits are 8x8, --img-size {img_size} was given")
+        return digit_levels(), DIGITS_LEVELS
+    path = Path(source)
+    if path.is_dir():
+        images = load_image_folder(path, img_size or 64, channels)
+    elif path.is_file():
+        images = load_npz(path, npz_key, img_size, channels)
+    else:
+        raise InputError(f"{source}: no such folder or .npz file (--data takes 'digits', a folder or an .npz)")
+    n_bits = 5 if n_bits is None else n_bits
+    if not 1 <= n_bits <= 8:
+        raise InputError(f"--n-bits must be in 1..8, got {n_bits}")
+    return torch.from_numpy(images >> (8 - n_bits)), 2 ** n_bits
+
+
+def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.ndarray:
+    """Every image file under ``root`` (recursively, sorted) -> uint8 (N, C, img_size, img_size)."""
+    from PIL import Image
+
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    modes = []
+    for f in files:  # headers first: refuse a bad file before decoding thousands of good ones
+        try:
+            with Image.open(f) as im:
+                width, height, mode = im.width, im.height, im.mode
+        except Exception as err:  # noqa: BLE001 - Pillow raises many types for a broken file
+            raise InputError(f"{f}: cannot read image ({_one_line(err)})") from None
+        if min(width, height) < img_size:
+            raise InputError(f"{f}: image is {width}x{height}, smaller than --img-size {img_size}")
+        modes.append(mode)
+    if channels is None:
+        channels = 1 if all(m in GREY_MODES for m in modes) else 3
+    out = np.empty((len(files), channels, img_size, img_size), dtype=np.uint8)
+    for i, f in enumerate(files):
+        out[i] = read_image(f, img_size, channels)
+    return out
+
+
+def read_image(path, img_size: int, channels: int) -> np.ndarray:
+    """One image file -> uint8 (channels, img_size, img_size): shorter side resized, centre-cropped."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if min(im.size) < img_size:
+                raise InputError(f"{path}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
+            pixels = fit_image(im.convert("L" if channels == 1 else "RGB"), img_size)
+    except InputError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise InputError(f"{path}: cannot read image ({_one_line(err)})") from None
+    pixels = np.asarray(pixels, dtype=np.uint8)
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def fit_image(im, img_size: int):
+    """Resize (Lanczos) so the shorter side is ``img_size``, then crop the centre square."""
+    from PIL import Image
+
+    w, h = im.size
+    if min(w, h) != img_size:
+        scale = img_size / min(w, h)
+        w, h = max(img_size, round(w * scale)), max(img_size, round(h * scale))
+        im = im.resize((w, h), Image.Resampling.LANCZOS)
+    left, top = (w - img_size) // 2, (h - img_size) // 2
+    return im.crop((left, top, left + img_size, top + img_size))
+
+
+def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | None) -> np.ndarray:
+    """A uint8 image array from an .npz -> (N, C, H, W); layout NHWC/NCHW/NHW detected from C in {1, 3}."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            if key is None:
+                key = NPZ_DEFAULT_KEY if NPZ_DEFAULT_KEY in names or len(names) != 1 else names[0]
+            if key not in names:
+                raise InputError(f"{path}: no array named {key!r} (it holds {names}); choose one with --npz-key")
+            arr = archive[key]
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: cannot read .npz ({_one_line(err)})") from None
+    if arr.dtype != np.uint8:
+        raise InputError(f"{path}: array {key!r} has dtype {arr.dtype}, expected uint8 images")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    elif arr.ndim == 4 and arr.shape[1] not in (1, 3) and arr.shape[3] in (1, 3):
+        arr = arr.transpose(0, 3, 1, 2)
+    if arr.ndim != 4 or arr.shape[1] not in (1, 3) or arr.shape[0] == 0:
+        raise InputError(f"{path}: array {key!r} has shape {arr.shape}; expected uint8 images (N, H, W), "
+                         "(N, C, H, W) or (N, H, W, C) with C = 1 or 3")
+    if channels is not None and channels != arr.shape[1]:
+        arr = _convert_channels(arr, channels)
+    if img_size is not None and arr.shape[2:] != (img_size, img_size):
+        if min(arr.shape[2:]) < img_size:
+            raise InputError(f"{path}: images are {arr.shape[3]}x{arr.shape[2]}, smaller than --img-size {img_size}")
+        arr = np.stack([_refit(a, img_size) for a in arr])
+    return np.ascontiguousarray(arr)
+
+
+def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """(N, C, H, W) uint8: grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma (Pillow's "L")."""
+    if channels == 3:
+        return np.repeat(arr, 3, axis=1)
+    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), arr.astype(np.float64), axes=([0], [1]))
+    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[:, None]
+
+
+def _refit(chw: np.ndarray, img_size: int) -> np.ndarray:
+    from PIL import Image
+
+    im = Image.fromarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
+    out = np.asarray(fit_image(im, img_size), dtype=np.uint8)
+    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches
+# ----------------------------------------------------------------------------------------------
 def dequantize(levels: torch.Tensor, n_bins: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Integer levels in [0, n_bins) -> floats in [-0.5, 0.5) plus uniform noise of one bin's width."""
     noise = torch.rand(levels.shape, generator=generator, dtype=dtype)
     return (levels.to(dtype) + noise) / n_bins - 0.5
+
+
+def bin_centres(levels: torch.Tensor, n_bins: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Deterministic dequantisation: each level to the centre of its bin, (level + 1/2) / n_bins - 1/2."""
+    return (levels.to(dtype) + 0.5) / n_bins - 0.5
+
+
+class ShuffledBatches:
+    """An endless stream of index batches: each epoch a fresh permutation of range(n) drawn from ``generator``;
+    an epoch's last incomplete batch is dropped. ``state_dict``/``load_state_dict`` resume it exactly."""
+
+    def __init__(self, n: int, batch: int, generator: torch.Generator):
+        if n < batch:
+            raise InputError(f"the training split has {n} images, fewer than --batch {batch}")
+        self.n, self.batch, self.generator = n, batch, generator
+        self.perm, self.cursor, self.epoch = torch.randperm(n, generator=generator), 0, 0
+
+    def next(self) -> torch.Tensor:
+        if self.cursor + self.batch > self.n:
+            self.perm, self.cursor, self.epoch = torch.randperm(self.n, generator=self.generator), 0, self.epoch + 1
+        idx = self.perm[self.cursor:self.cursor + self.batch]
+        self.cursor += self.batch
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm.clone(), "cursor": self.cursor, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["perm"].shape != (self.n,):
+            raise InputError(f"the checkpoint's data order covers {state['perm'].shape[0]} images, the training "
+                             f"split has {self.n}: the data set changed since the checkpoint was written")
+        self.perm, self.cursor, self.epoch = state["perm"].clone(), int(state["cursor"]), int(state["epoch"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing images
+# ----------------------------------------------------------------------------------------------
+def to_pixels(x: torch.Tensor, n_bins: int) -> np.ndarray:
+    """Model space [-0.5, 0.5] -> uint8 pixels v = round(255 level / (n_bins - 1)),
+    level = clamp(floor((x + 1/2) n_bins), 0, n_bins - 1)."""
+    levels = torch.clamp(torch.floor((x.detach().float().cpu() + 0.5) * n_bins), 0, n_bins - 1)
+    return torch.round(levels * (255.0 / (n_bins - 1))).to(torch.uint8).numpy()
+
+
+def to_levels(pixels: np.ndarray, n_bins: int) -> torch.Tensor:
+    """uint8 pixels -> levels floor(v n_bins / 256) (v >> (8 - n_bits) for n_bins = 2**n_bits; inverts to_pixels)."""
+    return torch.from_numpy((pixels.astype(np.int64) * n_bins) // 256).to(torch.uint8)
+
+
+def image_grid(pixels: np.ndarray, nrow: int | None = None, padding: int = 2, zoom: int = 1) -> np.ndarray:
+    """uint8 (N, C, H, W) -> one (C, rows*(H*zoom+p)+p, nrow*(W*zoom+p)+p) picture on a black background."""
+    if zoom > 1:
+        pixels = pixels.repeat(zoom, axis=2).repeat(zoom, axis=3)
+    n, c, h, w = pixels.shape
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
+    rows = -(-n // nrow)
+    grid = np.zeros((c, rows * (h + padding) + padding, nrow * (w + padding) + padding), dtype=np.uint8)
+    for i in range(n):
+        top, left = padding + (i // nrow) * (h + padding), padding + (i % nrow) * (w + padding)
+        grid[:, top:top + h, left:left + w] = pixels[i]
+    return grid
+
+
+def save_png(chw: np.ndarray, path) -> None:
+    """Write uint8 (C, H, W), C in {1, 3}, as a PNG (through a temporary file and an atomic rename)."""
+    import os
+
+    from PIL import Image
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0)))
+    tmp = path.with_name(f".{path.name}.tmp")
+    im.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_image_grid(x: torch.Tensor, path, n_bins: int, nrow: int | None = None, zoom: int = 1) -> None:
+    """Images in model space (N, C, H, W) -> a PNG grid (quantised back to the data's levels)."""
+    save_png(image_grid(to_pixels(x, n_bins), nrow=nrow, zoom=zoom), path)
