@@ -57,6 +57,13 @@ def _add_data_flags(p):
     return g
 
 
+def _add_image_output_flags(p) -> None:
+    """Flags of the commands that write images: zoom, and what a bare state_dict cannot tell."""
+    p.add_argument("--zoom", type=_positive_int, default=1, help="upscale each image by this factor")
+    p.add_argument("--img-size", type=_positive_int, help="bare state_dicts: image size (default 64)")
+    p.add_argument("--n-bits", type=int, help="bare state_dicts: bits per channel (default 5)")
+
+
 def _add_shape_flags(p, defaults=None) -> None:
     """Model shape flags; ``defaults`` (train) fills the help, else they are read off the checkpoint."""
     g = p.add_argument_group("model" if defaults else "model shape (read off the checkpoint; if given, must match)")
@@ -139,9 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=_positive_int, help="images per row (default: a square grid)")
-    s.add_argument("--zoom", type=_positive_int, default=1, help="upscale each image by this factor")
-    s.add_argument("--img-size", type=_positive_int, help="bare state_dicts: image size (default 64)")
-    s.add_argument("--n-bits", type=int, help="bare state_dicts: bits per channel (default 5)")
+    _add_image_output_flags(s)
     _add_shape_flags(s)
     _add_execution_flags(s)
     s.set_defaults(run=_sample)
@@ -162,9 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("images", nargs=2, metavar="IMAGE", help="the two end points")
     i.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
     i.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
-    i.add_argument("--zoom", type=_positive_int, default=1, help="upscale each image by this factor")
-    i.add_argument("--img-size", type=_positive_int, help="bare state_dicts: image size (default 64)")
-    i.add_argument("--n-bits", type=int, help="bare state_dicts: bits per channel (default 5)")
+    _add_image_output_flags(i)
     _add_shape_flags(i)
     _add_execution_flags(i)
     i.set_defaults(run=_interpolate)

@@ -214,15 +214,9 @@ def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
     return h_raw.to(x_a.dtype), net[4].scale.reshape(-1)
 
 
-def flow_forward(flow: reference.Flow, x: torch.Tensor, backend: str, weights: StepWeights | None = None):
+def flow_forward(flow: reference.Flow, x: torch.Tensor, backend: str):
     """One flow step (ActNorm, 1x1 conv, coupling): x -> (y, logdet [B])."""
-    if backend != "triton":
-        return flow(x)
-    weights = weights if weights is not None else level_step_weights([flow])[0]
-    y = ChannelMixFunction.apply(x, weights.A, weights.c)
-    h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
-    out, logdet = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
-    return out, logdet + x.shape[2] * x.shape[3] * weights.logdet_per_pixel
+    return level_forward([flow], x, backend)
 
 
 def flow_reverse(flow: reference.Flow, y: torch.Tensor, backend: str,
@@ -247,7 +241,7 @@ def level_forward(flows, x: torch.Tensor, backend: str):
     if backend != "triton":
         logdet = x.new_zeros(x.shape[0])
         for flow in flows:
-            x, det = flow_forward(flow, x, backend)
+            x, det = flow(x)
             logdet = logdet + det
         return x, logdet
     weights = level_step_weights(flows)
