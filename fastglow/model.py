@@ -55,7 +55,7 @@ class Glow(reference.Glow):
         """A level's K flow steps on its squeezed input: -> (output, logdet [B]).
 
         ``reversible``: activations are rebuilt by inversion in backward (memory flat in K), else plain
-        autograd. The Triton backend fuses the forward across steps and each step's backward from its output.
+        autograd. The Triton backend fuses the forward across steps and the level's backward from its output.
         """
         def level_forward(flows, v):
             return ops.level_forward(flows, v, backend)
@@ -65,7 +65,7 @@ class Glow(reference.Glow):
         return reversible_steps(
             block.flows, x, lambda flow, v: ops.flow_forward(flow, v, backend),
             lambda flow, v: ops.flow_reverse(flow, v, backend), level_forward=level_forward,
-            backward_from_output=ops.flow_backward_from_output if backend == "triton" else None)
+            level_backward=ops.level_backward_from_output if backend == "triton" else None)
 
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""

@@ -258,38 +258,73 @@ def level_forward(flows, x: torch.Tensor, backend: str):
     return y, logdet
 
 
-def flow_backward_from_output(flow: reference.Flow, y: torch.Tensor, grad_y: torch.Tensor,
-                              grad_logdet: torch.Tensor | None, x: torch.Tensor | None = None):
-    """Reversible backward of one Triton flow step from its output: -> (x, grad_x, parameter grads).
+def level_backward_from_output(flows, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None,
+                               x0: torch.Tensor | None = None):
+    """Reversible backward of a level of Triton flow steps from its output y:
+    -> (grad_x, [parameter grads of each flow, in ``parameter_slots(flow)`` order]).
 
-    The coupling network runs once, with grad, on y_a = out_a. One kernel rebuilds the coupling input
-    y' and gives grad_y', d h_raw, d zscale; autograd takes those through the network (adding its path
-    into y'_a); one kernel rebuilds the step input x = A^-1 y' - loc and gives grad_x, grad_A, grad_c;
-    autograd takes those (and the parameter logdet H W (sum log|scale| + log|det W|)) to loc, scale, W.
-    Parameter gradients come in ``flow.parameters()`` order, None for parameters without requires_grad.
-    A known input ``x`` (a level's stored input) is used instead of its reconstruction.
+    All steps' folded weights come from one LU launch (with grad); then, last step first, the coupling
+    network runs once with grad on y_a = out_a, one kernel rebuilds the coupling input y' and gives
+    grad_y', d h_raw, d zscale, autograd takes those through the network (adding its path into y'_a), and
+    one kernel rebuilds the step input x = A^-1 y' - loc (the stored level input ``x0`` for the first
+    step) and gives grad_x, grad_A, grad_c. One autograd pass at the end takes every grad_A, grad_c and the
+    parameter logdet H W (sum log|scale| + log|det W|) to loc, scale and W (one batched LU backward).
     """
     fs, _, _ = _kernels()
     half = y.shape[1] // 2
     with torch.enable_grad():
-        weights = level_step_weights([flow])[0]
-        y_a = y[:, :half].detach().requires_grad_()
-        h_raw, zscale = coupling_net_raw(flow.coupling, y_a)
-    y_mix, grad_mix, grad_h, grad_zs = fs.coupling_backward(y, grad_y, h_raw.detach(), zscale.detach(),
-                                                            grad_logdet, affine=flow.coupling.affine)
-    net_params = [t for _, _, t in parameter_slots(flow.coupling) if t.requires_grad]
-    net_out = [(t, g) for t, g in ((h_raw, grad_h), (zscale, grad_zs)) if t.requires_grad]
-    grads = torch.autograd.grad([t for t, _ in net_out], [y_a, *net_params], [g for _, g in net_out],
-                                allow_unused=True)
-    grad_mix[:, :half] += grads[0]
-    x, grad_x, grad_a, grad_c = fs.channel_mix_backward(y_mix, grad_mix, weights.A.detach(),
-                                                        weights.A_inv.detach(), weights.inv_bias.detach(), x=x)
-    fold_params = [t for m in (flow.actnorm, flow.invconv) for _, _, t in parameter_slots(m) if t.requires_grad]
-    fold_out = [(weights.A, grad_a), (weights.c, grad_c)]
-    if grad_logdet is not None:
-        fold_out.append((weights.logdet_per_pixel, y.shape[2] * y.shape[3] * grad_logdet.sum()))
+        weights = level_step_weights(flows)
+    by_param: dict[int, torch.Tensor] = {}
+    fold_out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    grad = grad_y
+    for k in reversed(range(len(flows))):
+        flow, w = flows[k], weights[k]
+        with torch.enable_grad():
+            y_a = y[:, :half].detach().requires_grad_()
+            h_raw, zscale = coupling_net_raw(flow.coupling, y_a)
+        y_mix, grad_mix, grad_h, grad_zs = fs.coupling_backward(y, grad, h_raw.detach(), zscale.detach(),
+                                                                grad_logdet, affine=flow.coupling.affine)
+        net_params = [t for _, _, t in parameter_slots(flow.coupling) if t.requires_grad]
+        net_out = [(t, g) for t, g in ((h_raw, grad_h), (zscale, grad_zs)) if t.requires_grad]
+        grads = torch.autograd.grad([t for t, _ in net_out], [y_a, *net_params], [g for _, g in net_out],
+                                    allow_unused=True)
+        by_param.update(zip(map(id, net_params), grads[1:]))
+        grad_mix[:, :half] += grads[0]
+        y, grad, grad_a, grad_c = fs.channel_mix_backward(y_mix, grad_mix, w.A.detach(), w.A_inv.detach(),
+                                                          w.inv_bias.detach(), x=x0 if k == 0 else None)
+        fold_out += [(w.A, grad_a), (w.c, grad_c)]
+        if grad_logdet is not None:
+            fold_out.append((w.logdet_per_pixel, y.shape[2] * y.shape[3] * grad_logdet.sum()))
+    fold_params = [t for f in flows for m in (f.actnorm, f.invconv) for _, _, t in parameter_slots(m)
+                   if t.requires_grad]
     fold_out = [(t, g) for t, g in fold_out if t.requires_grad]
-    fold_grads = torch.autograd.grad([t for t, _ in fold_out], fold_params, [g for _, g in fold_out],
-                                     allow_unused=True) if fold_params else ()
-    by_param = dict(zip(map(id, net_params), grads[1:])) | dict(zip(map(id, fold_params), fold_grads))
-    return x, grad_x, [by_param.get(id(t)) for _, _, t in parameter_slots(flow)]
+    if fold_params and fold_out:
+        fold_grads = torch.autograd.grad([t for t, _ in fold_out], fold_params, [g for _, g in fold_out],
+                                         allow_unused=True)
+        by_param.update(zip(map(id, fold_params), fold_grads))
+    return grad, [[by_param.get(id(t)) for _, _, t in parameter_slots(flow)] for flow in flows]
+
+
+def level_forward(flows, x: torch.Tensor, backend: str):
+    """A level's K flow steps: x -> (y, logdet [B]). Triton: one batched LU launch, then one fused
+    kernel per step (the coupling of step k with the ActNorm + 1x1 of step k+1); the coupling
+    networks run in torch between them."""
+    if backend != "triton":
+        logdet = x.new_zeros(x.shape[0])
+        for flow in flows:
+            x, det = flow(x)
+            logdet = logdet + det
+        return x, logdet
+    weights = level_step_weights(flows)
+    logdet = x.shape[2] * x.shape[3] * sum(w.logdet_per_pixel for w in weights)
+    y = ChannelMixFunction.apply(x, weights[0].A, weights[0].c)
+    for k, flow in enumerate(flows):
+        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
+        if k + 1 < len(flows):
+            y, det = CouplingMixFunction.apply(y, h_raw, zscale, weights[k + 1].A, weights[k + 1].c,
+                                               flow.coupling.affine, torch.is_grad_enabled())
+        else:
+            y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
+        logdet = logdet + det
+    return y, logdet
+

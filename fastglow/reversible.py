@@ -41,19 +41,19 @@ StepForward = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, torch.Ten
 StepInverse = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 LevelForward = Callable[[Sequence[nn.Module], torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-BackwardFromOutput = Callable[..., "tuple[torch.Tensor, torch.Tensor, list]"]
+LevelBackward = Callable[..., "tuple[torch.Tensor, list]"]
 
 
 class StepOps(NamedTuple):
     """How a backend runs the steps. Required: ``forward(step, x) -> (y, logdet [B])`` and
     ``inverse(step, y) -> x``. Optional fast paths: ``level_forward(steps, x) -> (y, logdet)`` runs all steps
-    at once (fused across steps); ``backward_from_output(step, y, grad_y, grad_logdet, x=None) -> (x, grad_x,
-    [grad per step.parameters()])`` replaces the inversion + recomputation of one step (``x``, when given,
-    is the known input, used instead of its reconstruction)."""
+    at once (fused across steps); ``level_backward(steps, y, grad_y, grad_logdet, x0) -> (grad_x, [[grad per
+    parameter of each step]])`` replaces the whole loop of inversions and recomputations (``x0``: the stored
+    level input, used instead of a reconstruction of the first step's input)."""
     forward: StepForward
     inverse: StepInverse
     level_forward: LevelForward | None = None
-    backward_from_output: BackwardFromOutput | None = None
+    level_backward: LevelBackward | None = None
 
     def run(self, steps, x):
         return self.level_forward(steps, x) if self.level_forward else run_steps(steps, x, self.forward)
@@ -73,7 +73,7 @@ def run_steps(steps: Sequence[nn.Module], x: torch.Tensor, step_forward: StepFor
 
 def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, step_forward: StepForward,
                      step_inverse: StepInverse, *, level_forward: LevelForward | None = None,
-                     backward_from_output: BackwardFromOutput | None = None):
+                     level_backward: LevelBackward | None = None):
     """Same result as :func:`run_steps`; backward rebuilds activations by inversion (memory flat in K).
 
     Without anything to differentiate (``torch.no_grad()``, inference mode, nothing requires grad) it is
@@ -81,7 +81,7 @@ def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, step_forward: 
     """
     steps = list(steps)
     _check_arguments(steps, x, step_forward, step_inverse)
-    step_ops = StepOps(step_forward, step_inverse, level_forward, backward_from_output)
+    step_ops = StepOps(step_forward, step_inverse, level_forward, level_backward)
     params_per_step = [[t for _, _, t in parameter_slots(step)] for step in steps]
     params = [p for step_params in params_per_step for p in step_params]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
@@ -123,15 +123,13 @@ class ReversibleSteps(torch.autograd.Function):
         ends = list(itertools.accumulate(ctx.sizes))
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         grad = grad_y
+        if ctx.step_ops.level_backward is not None:
+            grad, param_grads = fused_level_backward(ctx, params, needs_param_grad, x0, y, grad_y, grad_logdet)
+            return (grad, None, None, None, *param_grads)
         with _autocast(ctx.autocast):
             for k in reversed(range(len(ctx.steps))):
                 step, lo, hi = ctx.steps[k], ends[k] - ctx.sizes[k], ends[k]
                 need_input_grad = k > 0 or ctx.needs_input_grad[0]
-                if ctx.step_ops.backward_from_output is not None:
-                    y, grad, param_grads[lo:hi] = fused_step_backward(
-                        ctx.step_ops.backward_from_output, step, params[lo:hi], needs_param_grad[lo:hi], y, grad,
-                        grad_logdet, x0 if k == 0 else None)
-                    continue
                 if k == 0:
                     x = x0
                 else:  # reconstruct x_k = f_k^-1(x_{k+1}) with the parameters forward saw
@@ -150,7 +148,7 @@ def recompute_step_backward(step, params, needs_param_grad, x, grad_y, grad_logd
     """Vector-Jacobian product of one step at its input x: -> (∂L/∂x or None, [∂L/∂θ or None, ...]).
 
     Recomputes (y, ld) = f(x; θ) with grad on detached leaves and runs one ``torch.autograd.grad``; the step's
-    graph is freed on return. A backend's ``backward_from_output`` (:class:`StepOps`) replaces this and the
+    graph is freed on return. A backend's ``level_backward`` (:class:`StepOps`) replaces this and the
     inversion before it with one fused pass.
     """
     _require_initialized([step], "backward recomputation")
@@ -166,13 +164,17 @@ def recompute_step_backward(step, params, needs_param_grad, x, grad_y, grad_logd
     return grad_x, [next(grads) if need else None for need in needs_param_grad]
 
 
-def fused_step_backward(backward_from_output, step, params, needs_param_grad, y, grad_y, grad_logdet, x_known):
-    """One step's backward through a backend's fused ``backward_from_output``: -> (x, ∂L/∂x, [∂L/∂θ])."""
-    _require_initialized([step], "backward recomputation")
+def fused_level_backward(ctx, params, needs_param_grad, x0, y, grad_y, grad_logdet):
+    """The level's backward through a backend's fused ``level_backward``: -> (∂L/∂x, [∂L/∂θ per parameter])."""
+    _require_initialized(ctx.steps, "backward recomputation")
     leaves = [p.detach().requires_grad_(need) for p, need in zip(params, needs_param_grad)]
-    with _bound_parameters(step, leaves):
-        x, grad_x, grads = backward_from_output(step, y, grad_y, grad_logdet, x_known)
-    return x, grad_x, [g if need else None for g, need in zip(grads, needs_param_grad)]
+    ends = list(itertools.accumulate(ctx.sizes))
+    with contextlib.ExitStack() as stack, _autocast(ctx.autocast):
+        for step, end, size in zip(ctx.steps, ends, ctx.sizes):
+            stack.enter_context(_bound_parameters(step, leaves[end - size:end]))
+        grad_x, grads_per_step = ctx.step_ops.level_backward(ctx.steps, y, grad_y, grad_logdet, x0)
+    grads = [g for step_grads in grads_per_step for g in step_grads]
+    return grad_x, [g if need else None for g, need in zip(grads, needs_param_grad)]
 
 
 @contextlib.contextmanager
