@@ -231,7 +231,8 @@ def _z_shapes(info):
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import load_dataset, split_dataset
-    from .train import Dist, evaluate
+    from .distributed import Dist
+    from .train import evaluate
 
     model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
     config = info["config"] or {}

@@ -245,7 +245,7 @@ def level_forward(flows, x: torch.Tensor, backend: str):
             logdet = logdet + det
         return x, logdet
     weights = level_step_weights(flows)
-    logdet = x.shape[2] * x.shape[3] * sum(w.logdet_per_pixel for w in weights)
+    logdet = x.shape[2] * x.shape[3] * torch.stack([w.logdet_per_pixel for w in weights]).sum()  # 2 launches, not K
     y = ChannelMixFunction.apply(x, weights[0].A, weights[0].c)
     for k, flow in enumerate(flows):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
@@ -277,6 +277,7 @@ def level_backward_from_output(flows, y: torch.Tensor, grad_y: torch.Tensor, gra
     by_param: dict[int, torch.Tensor] = {}
     fold_out: list[tuple[torch.Tensor, torch.Tensor]] = []
     grad = grad_y
+    grad_logdet_per_pixel = None if grad_logdet is None else y.shape[2] * y.shape[3] * grad_logdet.sum()
     for k in reversed(range(len(flows))):
         flow, w = flows[k], weights[k]
         with torch.enable_grad():
@@ -293,8 +294,8 @@ def level_backward_from_output(flows, y: torch.Tensor, grad_y: torch.Tensor, gra
         y, grad, grad_a, grad_c = fs.channel_mix_backward(y_mix, grad_mix, w.A.detach(), w.A_inv.detach(),
                                                           w.inv_bias.detach(), x=x0 if k == 0 else None)
         fold_out += [(w.A, grad_a), (w.c, grad_c)]
-        if grad_logdet is not None:
-            fold_out.append((w.logdet_per_pixel, y.shape[2] * y.shape[3] * grad_logdet.sum()))
+        if grad_logdet_per_pixel is not None:
+            fold_out.append((w.logdet_per_pixel, grad_logdet_per_pixel))
     fold_params = [t for f in flows for m in (f.actnorm, f.invconv) for _, _, t in parameter_slots(m)
                    if t.requires_grad]
     fold_out = [(t, g) for t, g in fold_out if t.requires_grad]
@@ -303,28 +304,3 @@ def level_backward_from_output(flows, y: torch.Tensor, grad_y: torch.Tensor, gra
                                          allow_unused=True)
         by_param.update(zip(map(id, fold_params), fold_grads))
     return grad, [[by_param.get(id(t)) for _, _, t in parameter_slots(flow)] for flow in flows]
-
-
-def level_forward(flows, x: torch.Tensor, backend: str):
-    """A level's K flow steps: x -> (y, logdet [B]). Triton: one batched LU launch, then one fused
-    kernel per step (the coupling of step k with the ActNorm + 1x1 of step k+1); the coupling
-    networks run in torch between them."""
-    if backend != "triton":
-        logdet = x.new_zeros(x.shape[0])
-        for flow in flows:
-            x, det = flow(x)
-            logdet = logdet + det
-        return x, logdet
-    weights = level_step_weights(flows)
-    logdet = x.shape[2] * x.shape[3] * sum(w.logdet_per_pixel for w in weights)
-    y = ChannelMixFunction.apply(x, weights[0].A, weights[0].c)
-    for k, flow in enumerate(flows):
-        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
-        if k + 1 < len(flows):
-            y, det = CouplingMixFunction.apply(y, h_raw, zscale, weights[k + 1].A, weights[k + 1].c,
-                                               flow.coupling.affine, torch.is_grad_enabled())
-        else:
-            y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
-        logdet = logdet + det
-    return y, logdet
-

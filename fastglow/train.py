@@ -17,8 +17,6 @@ the gradients already are); ``max_bad_steps`` consecutive skips stop the run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import os
 import random
 import sys
 import time
@@ -28,6 +26,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
+from .distributed import Dist, all_reduce_sum, broadcast_object, parameters_agree, setup_distributed
 from .data import InputError, ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
 from .reference import bits_per_dim, z_shapes
 
@@ -82,71 +81,6 @@ FIXED_ON_RESUME = ("data", "img_size", "channels", "n_bits", "npz_key", "test_fr
 
 
 # ----------------------------------------------------------------------------------------------
-# Processes and devices
-# ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str) -> Dist:
-    """One process, or (WORLD_SIZE > 1, set by torchrun) a process group: nccl on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here")
-    if world == 1:
-        return Dist(0, 1, torch.device(device))
-    import torch.distributed as dist
-
-    if device.startswith("cuda"):
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), dev)
-
-
-def _all_reduce_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
-    if ctx.world > 1:
-        import torch.distributed as dist
-        dist.all_reduce(t)
-    return t
-
-
-def _broadcast_object(obj, ctx: Dist):
-    if ctx.world == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def parameters_agree(model: torch.nn.Module, ctx: Dist) -> bool:
-    """Whether every rank holds bit-identical parameters and buffers (a SHA-256 of their bytes, gathered)."""
-    if ctx.world == 1:
-        return True
-    import torch.distributed as dist
-    digest = hashlib.sha256()
-    for t in model.state_dict().values():
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
-    gathered = [None] * ctx.world
-    dist.all_gather_object(gathered, digest.hexdigest())
-    return len(set(gathered)) == 1
-
-
-# ----------------------------------------------------------------------------------------------
 # Pieces of a step
 # ----------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig):
@@ -184,7 +118,7 @@ def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, ct
             log_p, logdet, _ = model(x)
             bpd = bits_per_dim(log_p, logdet, x.shape, n_bins, reduction="none")
             total += torch.stack([bpd.double().sum(), total.new_tensor(x.shape[0])])
-    total = _all_reduce_sum(total, ctx)
+    total = all_reduce_sum(total, ctx)
     return (total[0] / total[1]).item()
 
 
@@ -238,7 +172,7 @@ def _find_checkpoint(out: Path, resume: bool, ctx: Dist):
         ckpt_io.remove_temp_files(out)
         newest = ckpt_io.newest_valid_checkpoint(out)
         path = str(newest[0]) if newest else None
-    path = _broadcast_object(path, ctx)
+    path = broadcast_object(path, ctx)
     return (path, ckpt_io.load_training_checkpoint(path)) if path else None
 
 
@@ -362,7 +296,7 @@ def _train(options: dict, resume: bool, ctx: Dist) -> dict:
         loss = training_loss(net, x, n_bins)
         loss.backward()
         stats = torch.stack([loss.detach().float(), _grad_norm(params).float().to(loss.device)])
-        stats = _all_reduce_sum(stats, ctx) / ctx.world  # gradients (hence their norm) already agree across ranks
+        stats = all_reduce_sum(stats, ctx) / ctx.world  # gradients (hence their norm) already agree across ranks
         train_bpd, grad_norm = stats.tolist()
         if np.isfinite(train_bpd) and np.isfinite(grad_norm):
             optimizer.step()
