@@ -1,11 +1,12 @@
 """fastglow.Glow: the reference module tree (same parameters, buffers and state_dict keys), executed
-through :mod:`fastglow.ops` so each level can run fused kernels and reversible backprop."""
+through a backend object (:mod:`fastglow.backends`) so each level can run fused kernels and reversible backprop."""
 
 from __future__ import annotations
 
 import torch
 
-from . import ops, reference
+from . import reference
+from .backends import select_backend
 from .checks import check_config, check_image, check_img_size, check_matches_model, check_z_list
 from .reversible import reversible_steps
 
@@ -38,47 +39,33 @@ class Glow(reference.Glow):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
             return super().forward(x)
-        backend = ops.resolve_backend(self.backend, x)
+        backend = select_backend(self.backend, x)
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
         out = x
         for block in self.blocks:
-            out, det = self._run_flows(block, ops.squeeze(out, backend), backend)
+            out, det = self._run_flows(block, backend.squeeze(out), backend)
             logdet = logdet + det
             out, log_p, z = block.split_off(out)
             log_p_sum = log_p_sum + log_p
             z_outs.append(z)
         return log_p_sum, logdet, z_outs
 
-    def _run_flows(self, block: reference.Block, x: torch.Tensor, backend: str):
-        """A level's K flow steps on its squeezed input: -> (output, logdet [B]).
-
-        ``reversible``: activations are rebuilt by inversion in backward (memory flat in K), else plain
-        autograd. The Triton backend fuses the forward across steps and the level's backward from its output.
-        """
-        def level_forward(flows, v):
-            return ops.level_forward(flows, v, backend)
-
-        if not self.reversible:
-            return level_forward(block.flows, x)
-        return reversible_steps(
-            block.flows, x, lambda flow, v: ops.flow_forward(flow, v, backend),
-            lambda flow, v: ops.flow_reverse(flow, v, backend), level_forward=level_forward,
-            level_backward=ops.level_backward_from_output if backend == "triton" else None)
+    def _run_flows(self, block: reference.Block, x: torch.Tensor, backend):
+        """A level's K flow steps on its squeezed input: -> (output, logdet [B]). ``reversible``: activations
+        are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
+        return reversible_steps(block.flows, x, backend) if self.reversible else backend.forward(block.flows, x)
 
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
         check_z_list(z_list, self.in_channel, self.n_block)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
-        backend = ops.resolve_backend(self.backend, z_list[-1])
+        backend = select_backend(self.backend, z_list[-1])
         x = z_list[-1]
         for block, z in zip(self.blocks[::-1], z_list[::-1]):
             x = block.merge(x, z, reconstruct=reconstruct)
-            weights = ops.level_step_weights(block.flows) if backend == "triton" else [None] * len(block.flows)
-            for flow, step_weights in zip(block.flows[::-1], weights[::-1]):
-                x = ops.flow_reverse(flow, x, backend, step_weights)
-            x = ops.unsqueeze(x, backend)
+            x = backend.unsqueeze(backend.inverse(block.flows, x))
         return x
 
     @torch.no_grad()
