@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import fastglow
-from fastglow.cli import main
-from fastglow.data import bin_centres, digit_levels, save_png, to_pixels
+from fastglow.app.cli import main
+from fastglow.app.data import bin_centres, digit_levels, save_png, to_pixels
 
 TINY_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "16", "--no-progress",
               "--eval-every", "0"]

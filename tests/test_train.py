@@ -11,12 +11,12 @@ import time
 import pytest
 import torch
 
-import fastglow.train as train_mod
-from fastglow import checkpoint as ckpt_io
 from fastglow import reference
-from fastglow.cli import main
-from fastglow.data import InputError
-from fastglow.train import train
+from fastglow.app import checkpoint as ckpt_io
+from fastglow.app import loop as train_mod
+from fastglow.app.cli import main
+from fastglow.app.data import InputError
+from fastglow.app.loop import train
 
 # cooldown 0: the lr schedule does not depend on --steps, so a run cut at step 3 and extended to 6 is the same run
 TINY = dict(n_flow=2, n_block=2, hidden=8, batch=16, warmup=2, cooldown=0, eval_every=0, progress=False)

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from . import __version__
+from .. import __version__
 from .data import InputError
 
 
@@ -90,7 +90,7 @@ def _add_execution_flags(p):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig as C
+    from .loop import TrainConfig as C
 
     parser = argparse.ArgumentParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands
 # ----------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .loop import TrainConfig, train
 
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "n_bins"}
     options = {k: v for k, v in vars(args).items() if k in fields}
@@ -225,14 +225,14 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _z_shapes(info):
-    from .reference import z_shapes
+    from ..reference import z_shapes
     return z_shapes(info["in_channel"], info["img_size"], info["n_block"])
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import load_dataset, split_dataset
     from .distributed import Dist
-    from .train import evaluate
+    from .loop import evaluate
 
     model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
     config = info["config"] or {}
@@ -289,7 +289,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingError
+    from .loop import TrainingError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .distributed import Dist, all_reduce_sum, broadcast_object, parameters_agree, setup_distributed
 from .data import InputError, ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
-from .reference import bits_per_dim, z_shapes
+from ..reference import bits_per_dim, z_shapes
 
 
 class TrainingError(Exception):
@@ -84,7 +84,7 @@ FIXED_ON_RESUME = ("data", "img_size", "channels", "n_bits", "npz_key", "test_fr
 # Pieces of a step
 # ----------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig):
-    from .model import Glow
+    from ..model import Glow
     return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
                 hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible)
 

@@ -228,7 +228,7 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
     n_bins (from the config, or 2**n_bits, default 5 bits) and the run's config (None for a bare state_dict).
     """
-    from .model import Glow
+    from ..model import Glow
 
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
