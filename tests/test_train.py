@@ -15,7 +15,7 @@ from fastglow import reference
 from fastglow.app import checkpoint as ckpt_io
 from fastglow.app import loop as train_mod
 from fastglow.app.cli import main
-from fastglow.app.data import InputError
+from fastglow.app.errors import InputError
 from fastglow.app.loop import train
 
 # cooldown 0: the lr schedule does not depend on --steps, so a run cut at step 3 and extended to 6 is the same run

@@ -28,15 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import InputError, _one_line
+from .errors import CheckpointError, one_line
 
 FORMAT = "fastglow-checkpoint"
 VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be read or does not fit: the message names the file and the problem."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +107,7 @@ def load_file(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, wrong format: all "corrupt"
         raise CheckpointError(f"{path}: not a readable checkpoint, the file is corrupt or truncated "
-                              f"({_one_line(err)})") from None
+                              f"({one_line(err)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state_dict or a fastglow checkpoint")
     return obj
@@ -254,7 +250,7 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: does not fit a Glow of that shape ({_one_line(err)})") from None
+        raise CheckpointError(f"{path}: does not fit a Glow of that shape ({one_line(err)})") from None
     if img_size % 2 ** shape["n_block"]:
         raise CheckpointError(f"{path}: --img-size {img_size} is not a multiple of 2**n_block = "
                               f"{2 ** shape['n_block']}")

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from .. import __version__
-from .data import InputError
+from .errors import InputError, TrainingError
 
 
 def _positive_int(text: str) -> int:
@@ -289,8 +289,6 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .loop import TrainingError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from .data import InputError
+from .errors import InputError
 
 
 @dataclasses.dataclass

@@ -26,13 +26,10 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
+from .errors import CheckpointError, InputError, TrainingError
 from .distributed import Dist, all_reduce_sum, broadcast_object, parameters_agree, setup_distributed
-from .data import InputError, ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
+from .data import ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
 from ..reference import bits_per_dim, z_shapes
-
-
-class TrainingError(Exception):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why and what to try."""
 
 
 @dataclasses.dataclass
@@ -229,7 +226,7 @@ def _train(options: dict, resume: bool, ctx: Dist) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise ckpt_io.CheckpointError(f"{path}: does not fit the run's model ({err})") from None
+            raise CheckpointError(f"{path}: does not fit the run's model ({err})") from None
         batches.load_state_dict(state["data"])
         ckpt_io.restore_rng(state["rng"], data_gen)
         step, elapsed, skipped = state["step"], state.get("elapsed", 0.0), state.get("skipped", 0)
