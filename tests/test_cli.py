@@ -44,6 +44,13 @@ def test_version_and_help():
     assert out.returncode == 0 and all(c in out.stdout for c in ("train", "sample", "eval", "interpolate"))
 
 
+def test_the_library_does_not_import_the_app():
+    code = ("import fastglow, sys; "
+            "assert 'PIL' not in sys.modules and 'sklearn' not in sys.modules and 'fastglow.app' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_train_writes_checkpoint_samples_and_log(run_dir, capsys):
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "metrics.jsonl", "samples"]
     grid = Image.open(next((run_dir / "samples").glob("*.png")))
