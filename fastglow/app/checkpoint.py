@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import Glow
 from .errors import CheckpointError, one_line
 
 FORMAT = "fastglow-checkpoint"
@@ -224,8 +225,6 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
     n_bins (from the config, or 2**n_bits, default 5 bits) and the run's config (None for a bare state_dict).
     """
-    from ..model import Glow
-
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
     state = ckpt["model"] if config is not None else ckpt
