@@ -3,11 +3,14 @@ through a backend object (:mod:`fastglow.backends`) so each level can run fused 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import reference
 from .backends import select_backend
-from .checks import check_config, check_image, check_img_size, check_matches_model, check_z_list
+from .checks import (check_config, check_execution_options, check_image, check_img_size, check_matches_model,
+                     check_z_list)
 from .reversible import reversible_steps
 
 
@@ -15,27 +18,49 @@ class Glow(reference.Glow):
     """Drop-in for rosinality/glow-pytorch's ``Glow``.
 
     Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
-    "triton") and ``reversible`` (constant-memory backprop).
+    "triton") and ``reversible`` (constant-memory backprop). Execution options (same maths, same state):
+    ``autocast_dtype`` (torch.bfloat16 or torch.float16: the coupling networks run under autocast, the flow
+    maths - ActNorm, the 1x1 mix, the coupling combine, logdet, LU, priors - in the parameters' dtype),
+    ``channels_last`` (the coupling networks' weights and inputs in channels_last memory format) and
+    ``validate`` (False: skip the input's NaN/Inf check, the one host sync of a training step).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
-                 reversible: bool = True):
+                 reversible: bool = True, autocast_dtype: torch.dtype | None = None,
+                 channels_last: bool = False, validate: bool = True):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        check_execution_options(autocast_dtype, channels_last, validate)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels)
         self.backend = backend
         self.reversible = reversible
+        self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
+        for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
+            coupling.net_autocast, coupling.net_channels_last = autocast_dtype, channels_last
+            if channels_last:
+                coupling.net.to(memory_format=torch.channels_last)
         self.last_img_size: tuple[int, int] | None = None
 
     def actnorm_initialized(self) -> bool:
         return all(flow.actnorm.is_initialized for block in self.blocks for flow in block.flows)
 
+    def flow_precision(self, device_type: str):
+        """With ``autocast_dtype`` set, the flow maths run with autocast off (the coupling networks turn it on
+        for themselves); else the caller's autocast state stands."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, enabled=False)
+
     def forward(self, x: torch.Tensor):
         """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs)."""
-        check_image(x, self.in_channel, self.n_block)
+        check_image(x, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("input", x, self.blocks[0].prior.scale)
         self.last_img_size = (x.shape[2], x.shape[3])
+        with self.flow_precision(x.device.type):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
             return super().forward(x)
@@ -61,6 +86,10 @@ class Glow(reference.Glow):
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
         check_z_list(z_list, self.in_channel, self.n_block)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
+        with self.flow_precision(z_list[-1].device.type):
+            return self._reverse(z_list, reconstruct)
+
+    def _reverse(self, z_list, reconstruct: bool) -> torch.Tensor:
         backend = select_backend(self.backend, z_list[-1])
         x = z_list[-1]
         for block, z in zip(self.blocks[::-1], z_list[::-1]):

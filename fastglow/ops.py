@@ -48,7 +48,7 @@ def fold_level(flows) -> list[FoldedMix]:
                 perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
         else:
             w = torch.stack([inv.calc_weight() for inv in invs])
-            w_inv = torch.linalg.inv(w)
+            w_inv = reference.matrix_inverse(w)
             w_logdet = torch.stack([inv.log_abs_det() for inv in invs])
         scale = torch.stack([flow.actnorm.scale.reshape(-1) for flow in flows])  # (K, C)
         loc = torch.stack([flow.actnorm.loc.reshape(-1) for flow in flows])
@@ -60,12 +60,14 @@ def fold_level(flows) -> list[FoldedMix]:
 
 
 def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
-    """The coupling network without its final exp(3 * scale): (h_raw, zscale); h_raw in x_a's dtype
-    (the network itself may run under autocast)."""
+    """The coupling network without its final exp(3 * scale): (h_raw, zscale); h_raw contiguous in x_a's dtype
+    (the network itself may run under autocast, and in channels_last: ``coupling.run_net``)."""
     net = coupling.net
-    hidden = net[3](net[2](net[1](net[0](x_a))))
-    h_raw = net[4].conv(F.pad(hidden, [1, 1, 1, 1], value=1))
-    return h_raw.to(x_a.dtype), net[4].scale.reshape(-1)
+
+    def raw(v):
+        return net[4].conv(F.pad(net[3](net[2](net[1](net[0](v)))), [1, 1, 1, 1], value=1))
+
+    return coupling.run_net(raw, x_a).to(x_a.dtype).contiguous(), net[4].scale.reshape(-1)
 
 
 def level_forward(flows, x: torch.Tensor):

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -69,3 +70,24 @@ def coupling_activity(model: nn.Module, x: torch.Tensor) -> list[float]:
     for h in hooks:
         h.remove()
     return seen
+
+
+# aten ops that make the host wait for the device on CUDA: a value read back (.item(), bool(t), torch.equal),
+# or an output whose size depends on the values (nonzero, masked_select, unique, repeat_interleave).
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select",
+                           "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"})
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Inside ``with HostSyncDetector() as d:`` every host-syncing aten op (:data:`HOST_SYNC_OPS`) is recorded
+    in ``d.syncs`` (op names, in order). Works on any device, so a CPU test can show that a training step would
+    never stall a GPU (and so can be captured in a CUDA graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
