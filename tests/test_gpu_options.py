@@ -1,6 +1,6 @@
-"""Execution options for GPUs, tested on what a CPU can show: the coupling networks under bf16 autocast with the
-flow maths in float32, models cast to bf16/fp16, channels_last coupling networks, and a training step with
-no host syncs (``validate=False``)."""
+"""Execution options for GPUs: the coupling networks under bf16 autocast with the flow maths in float32, models
+cast to bf16/fp16, channels_last coupling networks, and a training step with no host syncs (``validate=False``).
+On a CPU (Triton through the interpreter) what a CPU can show; with CUDA the same tests run natively."""
 
 import pytest
 import torch
@@ -28,18 +28,18 @@ def _record_dtypes(model):
     return seen
 
 
-def _pair(backend, affine=True, sigma=0.03, **options):
+def _pair(backend, device, affine=True, sigma=0.03, **options):
     make = lambda **kw: lambda: fastglow.Glow(3, 3, 2, affine=affine, hidden_channels=16,  # noqa: E731
                                                backend=backend, **kw)
     x, (plain, fast) = models_on_one_state([make(), make(**options)], (2, 3, 8, 8), sigma=sigma,
                                            dtype=torch.float32)
-    return x, plain, fast
+    return x.to(device), plain.to(device), fast.to(device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("affine", [True, False])
-def test_bf16_autocast_networks_keep_loss_and_inversion(backend, affine):
-    x, plain, fast = _pair(backend, affine, autocast_dtype=torch.bfloat16)
+def test_bf16_autocast_networks_keep_loss_and_inversion(backend, affine, device):
+    x, plain, fast = _pair(backend, device, affine, autocast_dtype=torch.bfloat16)
     seen = _record_dtypes(fast)
     with torch.no_grad():
         bpd32, z32 = _bpd(plain, x)
@@ -50,10 +50,10 @@ def test_bf16_autocast_networks_keep_loss_and_inversion(backend, affine):
     assert x_rec.dtype == torch.float32 and rel_error(x_rec, x) <= 1e-5
 
 
-def test_bf16_autocast_runs_only_the_networks_in_bf16_even_inside_a_callers_autocast():
-    x, _, fast = _pair("eager", autocast_dtype=torch.bfloat16)
+def test_bf16_autocast_runs_only_the_networks_in_bf16_even_inside_a_callers_autocast(device):
+    x, _, fast = _pair("eager", device, autocast_dtype=torch.bfloat16)
     seen = _record_dtypes(fast)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         log_p, logdet, z = fast(x)
         fast.reverse(z, reconstruct=True)
     assert seen == {"net": {torch.bfloat16}, "invconv": {torch.float32}, "prior": {torch.float32}}
@@ -61,11 +61,11 @@ def test_bf16_autocast_runs_only_the_networks_in_bf16_even_inside_a_callers_auto
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_autocast_reversible_gradients_match_plain_autograd(backend):
+def test_bf16_autocast_reversible_gradients_match_plain_autograd(backend, device):
     """The reversible backward re-runs each network under the same autocast: the same bf16 values."""
-    x, _, rev = _pair(backend, autocast_dtype=torch.bfloat16)
+    x, _, rev = _pair(backend, device, autocast_dtype=torch.bfloat16)
     plain = fastglow.Glow(3, 3, 2, hidden_channels=16, backend=backend, reversible=False,
-                          autocast_dtype=torch.bfloat16)
+                          autocast_dtype=torch.bfloat16).to(device)
     plain.load_state_dict(rev.state_dict())
     grads = []
     for model in (rev, plain):
@@ -78,10 +78,11 @@ def test_bf16_autocast_reversible_gradients_match_plain_autograd(backend):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("conv_lu", [True, False])
 @pytest.mark.parametrize("cls", [reference.Glow, fastglow.Glow])
-def test_models_cast_to_low_precision_reverse_and_sample(cls, conv_lu, dtype):
+def test_models_cast_to_low_precision_reverse_and_sample(cls, conv_lu, dtype, device):
     torch.manual_seed(0)
     x = torch.rand(3, 3, 8, 8) - 0.5
-    model = initialized_model(cls(3, 2, 2, conv_lu=conv_lu, hidden_channels=16), x, sigma=0.01).to(dtype)
+    model = initialized_model(cls(3, 2, 2, conv_lu=conv_lu, hidden_channels=16), x, sigma=0.01).to(device, dtype)
+    x = x.to(device)
     with torch.no_grad():
         _, _, z = model(x.to(dtype))
         x_rec = model.reverse(z, reconstruct=True)
@@ -91,8 +92,9 @@ def test_models_cast_to_low_precision_reverse_and_sample(cls, conv_lu, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_channels_last_networks_give_the_same_outputs_and_gradients(backend):
-    x, plain, fast = _pair(backend, channels_last=True)
+def test_channels_last_networks_give_the_same_outputs_and_gradients(backend, device, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the two layouts' TF32 kernels round apart
+    x, plain, fast = _pair(backend, device, channels_last=True)
     inputs_cl = []
     fast.blocks[0].flows[0].coupling.net[0].register_forward_hook(
         lambda m, i, out: inputs_cl.append(i[0].is_contiguous(memory_format=torch.channels_last)))
@@ -114,11 +116,11 @@ def test_channels_last_networks_give_the_same_outputs_and_gradients(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reversible", [True, False])
-def test_training_step_without_validation_has_no_host_sync(backend, reversible):
+def test_training_step_without_validation_has_no_host_sync(backend, reversible, device):
     torch.manual_seed(0)
-    x = torch.rand(2, 3, 8, 8) - 0.5
+    x = torch.rand(2, 3, 8, 8, device=device) - 0.5
     model = initialized_model(fastglow.Glow(3, 2, 2, hidden_channels=8, backend=backend, reversible=reversible,
-                                            validate=False), x)
+                                            validate=False).to(device), x)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     with HostSyncDetector() as detector:
         _bpd(model, x)[0].backward()
