@@ -11,7 +11,8 @@ no Python, no kernel-launch overhead, no host syncs.
 
 What a capture needs, and what is checked here: ActNorm initialised (its init reads data); an optimizer that can
 be captured (``capturable=True`` where it has that option) or none (then the graph holds forward and backward
-only, the gradients land in the same ``.grad`` tensors each replay and ``optimizer.step()`` runs outside);
+only, each replay writes the same gradient tensors and sets them as ``.grad`` again, and ``optimizer.step()``,
+a NaN check or a learning-rate schedule run outside);
 every batch of the example's shape, dtype and device. The learning rate is baked into the graph unless it is a
 tensor that a schedule changes in place. The warm-up's steps are undone: after construction the weights and the
 optimizer state are as they were.
@@ -57,12 +58,14 @@ class CudaGraphStep:
         self.static_x = example.detach().clone()
         self.graph = None
         self.static_loss = None
+        self.static_grads: list = []  # (parameter, the gradient tensor the graph writes)
         if warmup:
             self._warm_up(warmup)
         if capture:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # records the kernels without running them
                 self.static_loss = self._step()
+            self.static_grads = [(p, p.grad) for p in model.parameters() if p.grad is not None]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape != self.static_x.shape or x.dtype != self.static_x.dtype or x.device != self.static_x.device:
@@ -72,6 +75,8 @@ class CudaGraphStep:
         if self.graph is None:
             return self._step()
         self.graph.replay()
+        for p, grad in self.static_grads:  # the replay wrote these: p.grad may have been set to None since
+            p.grad = grad
         return self.static_loss
 
     def _step(self) -> torch.Tensor:

@@ -108,6 +108,9 @@ def _add_train_command(sub) -> None:
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
     g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
+                   help="replay each step's forward and backward from a CUDA graph captured at the first step "
+                        "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch", type=_positive_int, help=f"global batch size (default {C.batch})")
     o.add_argument("--lr", type=float, help=f"Adam learning rate (default {C.lr})")

@@ -46,6 +46,7 @@ class TrainConfig:
     eval_batch: int = 512
     progress: bool = True
     threads: int | None = None
+    cuda_graph: bool = False
     n_bins: int | None = None
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import Glow, bits_per_dim, z_shapes
+from .. import CudaGraphStep, Glow, bits_per_dim, z_shapes
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, resolve_config
 from .data import ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
@@ -105,6 +105,7 @@ class RunState:
     sample: str | None = None  # the newest sample grid
     checkpoint: str | None = None  # the newest checkpoint this process wrote
     resumed_from: str | None = None
+    graph_step: CudaGraphStep | None = None  # --cuda-graph: forward and backward captured at the first step
 
     @property
     def out(self) -> Path:
@@ -120,6 +121,10 @@ def start_or_resume(options: dict, resume: bool, dist: Dist) -> RunState:
     options["out"] = str(out)
     found = _find_checkpoint(out, resume, dist)
     cfg = resolve_config(options, found[1]["config"] if found else None, found[0] if found else "")
+    if cfg.cuda_graph and dist.world > 1:
+        raise InputError("--cuda-graph runs in one process: drop it under torchrun")
+    if cfg.cuda_graph and dist.device.type != "cuda" and dist.main:
+        print("--cuda-graph: no CUDA device, each step runs eagerly", file=sys.stderr)
     state = _new_state(cfg, dist)
     if found:
         _restore(state, *found)
@@ -231,8 +236,7 @@ def train_step(state: RunState) -> tuple[float, float]:
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
-    loss = training_loss(state.net, x, cfg.n_bins)
-    loss.backward()
+    loss = _loss_and_gradients(state, x)
     stats = torch.stack([loss.detach().float(), _grad_norm(state.model.parameters()).float().to(loss.device)])
     stats = all_reduce_sum(stats, dist) / dist.world  # gradients (hence their norm) already agree across ranks
     train_bpd, grad_norm = stats.tolist()
@@ -244,6 +248,18 @@ def train_step(state: RunState) -> tuple[float, float]:
         _skip_step(state, train_bpd, grad_norm)
     state.elapsed = time.perf_counter() - state.started
     return lr, grad_norm
+
+
+def _loss_and_gradients(state: RunState, x: torch.Tensor) -> torch.Tensor:
+    """Forward and backward of a step: eagerly, or (``cuda_graph``) replayed from a graph captured on the first
+    batch (eager on a CPU)."""
+    if not state.cfg.cuda_graph:
+        loss = training_loss(state.net, x, state.cfg.n_bins)
+        loss.backward()
+        return loss
+    if state.graph_step is None:
+        state.graph_step = CudaGraphStep(state.model, None, x, n_bins=state.cfg.n_bins)
+    return state.graph_step(x)
 
 
 def _skip_step(state: RunState, train_bpd: float, grad_norm: float) -> None:
