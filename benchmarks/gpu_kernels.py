@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import fastglow
-from benchmarks.gpu_measure import time_kernel
+from benchmarks.gpu_measure import attempt, time_kernel
 
 
 def _kernel_operands(shape, device, affine=True, seed=0):
@@ -89,12 +89,16 @@ def phase_kernels(ctx: PhaseContext) -> None:
             if ctx.out_of_time():
                 ctx.rec.set("stopped", f"phase budget ran out before {name} at {shape}")
                 return
-            ms = time_kernel(fn, device)
-            ctx.rec.append("rows", dict(kernel=name, shape=list(shape), ms=ms, bytes=nbytes,
-                                        gbps=nbytes / ms / 1e6, copy_gbps=copy_gbps,
-                                        of_copy=nbytes / ms / 1e6 / copy_gbps, fused=not name.startswith("eager"),
-                                        predicted_ms=cost_model_ms(name, shape)))
+            ctx.rec.append("rows", attempt(lambda: _bandwidth(fn, nbytes, copy_gbps, device), kernel=name,
+                                           shape=list(shape), fused=not name.startswith("eager"),
+                                           predicted_ms=cost_model_ms(name, shape)))
     _lu_level(ctx)
+
+
+def _bandwidth(fn, nbytes: int, copy_gbps: float, device) -> dict:
+    ms = time_kernel(fn, device)
+    return dict(ms=ms, bytes=nbytes, gbps=nbytes / ms / 1e6, copy_gbps=copy_gbps,
+                of_copy=nbytes / ms / 1e6 / copy_gbps)
 
 
 def _lu_level(ctx: PhaseContext) -> None:
@@ -111,5 +115,6 @@ def _lu_level(ctx: PhaseContext) -> None:
 
     for name, fn in ((f"lu_weight_level[K={k},C={c}]", lambda: fold_level(flows)),
                      (f"eager lu_weight_level[K={k},C={c}]", eager)):
-        ctx.rec.append("rows", dict(kernel=name, shape=[k, c, c], ms=time_kernel(fn, ctx.device),
-                                    fused=not name.startswith("eager"), predicted_ms=cost_model_ms(name, (k, c))))
+        ctx.rec.append("rows", attempt(lambda: dict(ms=time_kernel(fn, ctx.device)), kernel=name,
+                                       shape=[k, c, c], fused=not name.startswith("eager"),
+                                       predicted_ms=cost_model_ms(name, (k, c))))

@@ -261,10 +261,21 @@ def time_steps(step, device: torch.device, scale: Scale) -> dict:
     return result
 
 
+def attempt(fn, **label) -> dict:
+    """fn() -> a record, or the error as one (traceback to the phase's log): a failure costs one row, not the
+    phase."""
+    try:
+        return dict(label, **fn())
+    except Exception as err:
+        traceback.print_exc()
+        free_memory()
+        return dict(label, status=f"error: {type(err).__name__}: {err}"[:300])
+
+
 def measure_training(impl: str, shape: ModelShape, device: torch.device, scale: Scale, *, rosinality=None,
                      batch: int | None = None, **options) -> dict:
-    """One implementation's training step: time and peak memory; ``status`` "ok", "oom" (does not fit) or
-    "error: ..." (anything else)."""
+    """One implementation's training step: time and peak memory, ``status`` "ok", or "oom" when it does not
+    fit (any other error is raised: wrap in :func:`attempt`)."""
     model = run = x = optimizer = None
     try:
         model, run, x = build(impl, shape, device, rosinality=rosinality, batch=batch, **options)
@@ -273,9 +284,6 @@ def measure_training(impl: str, shape: ModelShape, device: torch.device, scale: 
         return dict(result, status="ok", batch=x.shape[0])
     except torch.OutOfMemoryError:
         return dict(status="oom", batch=batch or shape.batch)
-    except Exception as err:  # recorded (the traceback goes to the phase's log); the next one is measured
-        traceback.print_exc()
-        return dict(status=f"error: {type(err).__name__}: {err}"[:300], batch=batch or shape.batch)
     finally:
         del model, run, x, optimizer
         free_memory()

@@ -13,14 +13,13 @@ import re
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 import fastglow
 from benchmarks.gpu_kernels import phase_kernels  # noqa: F401  (a phase, found by name)
-from benchmarks.gpu_measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, build, device_of, free_memory,
+from benchmarks.gpu_measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, attempt, build, device_of, free_memory,
                                     measure_training, sync, time_steps, training_step)
 from fastglow.testing import max_rel_error, models_on_one_state, rel_error
 
@@ -131,7 +130,8 @@ def _train_impls(ctx: PhaseContext, shape, impls) -> None:
         if ctx.out_of_time():
             ctx.rec.put("impls", impl, dict(status="skipped: the phase budget ran out"))
             continue
-        ctx.rec.put("impls", impl, measure_training(impl, shape, ctx.device, ctx.scale, rosinality=ctx.rosinality))
+        ctx.rec.put("impls", impl, attempt(lambda: measure_training(impl, shape, ctx.device, ctx.scale,
+                                                                   rosinality=ctx.rosinality)))
 
 
 def phase_train_cifar(ctx):
@@ -158,7 +158,7 @@ def phase_memory_vs_k(ctx: PhaseContext) -> None:
             if ctx.out_of_time():
                 ctx.rec.set("stopped", f"phase budget ran out before {impl} at K={k}")
                 return
-            r = measure_training(impl, ctx.scale.cifar.but(n_flow=k), ctx.device, quick)
+            r = attempt(lambda: measure_training(impl, ctx.scale.cifar.but(n_flow=k), ctx.device, quick))
             ctx.rec.append("rows", dict(impl=impl, n_flow=k, **{key: r.get(key) for key in
                                                                   ("status", "peak_gb", "start_gb", "ms")}))
 
@@ -252,39 +252,50 @@ def phase_sampling(ctx: PhaseContext, temperature: float = 0.7) -> None:
             if ctx.out_of_time():
                 ctx.rec.set("stopped", f"phase budget ran out before {impl} at {shape.name}")
                 return
-            model, _, x = build(impl, shape, ctx.device)
-            zs = fastglow.z_shapes(shape.in_channel, shape.img_size, shape.n_block)
+            ctx.rec.put(shape.name, impl, attempt(lambda: _sampling(ctx, impl, shape, temperature)))
 
-            @torch.no_grad()
-            def draw(model=model):
-                return model.reverse([temperature * torch.randn(shape.batch, *s, device=ctx.device) for s in zs])
 
-            r = time_steps(draw, ctx.device, ctx.scale)
-            ctx.rec.put(shape.name, impl, dict(ms=r["ms"], images_per_s=shape.batch / r["ms"] * 1e3,
-                                               batch=shape.batch, finite=bool(torch.isfinite(draw()).all())))
-            del model, x
-            free_memory()
+def _sampling(ctx: PhaseContext, impl: str, shape, temperature: float) -> dict:
+    model, _, _ = build(impl, shape, ctx.device)
+    zs = fastglow.z_shapes(shape.in_channel, shape.img_size, shape.n_block)
+
+    @torch.no_grad()
+    def draw():
+        return model.reverse([temperature * torch.randn(shape.batch, *s, device=ctx.device) for s in zs])
+
+    r = time_steps(draw, ctx.device, ctx.scale)
+    result = dict(ms=r["ms"], images_per_s=shape.batch / r["ms"] * 1e3, batch=shape.batch,
+                  finite=bool(torch.isfinite(draw()).all()))
+    del model
+    free_memory()
+    return result
 
 
 def phase_accuracy(ctx: PhaseContext) -> None:
     """reverse(forward(x)) on the device, and fastglow (Triton, reversible) against the reference on the same
     weights: outputs and gradients, float32 and float64."""
-    for shape in (ctx.scale.cifar, ctx.scale.celeba):
-        for dtype in (torch.float32, torch.float64):
-            for impl in ("fastglow-reversible", "eager"):
-                if ctx.out_of_time() or (dtype == torch.float64 and shape is ctx.scale.celeba):
-                    continue
-                model, _, x = build(impl, shape.but(batch=min(shape.batch, 8)), ctx.device, dtype=dtype)
-                with torch.no_grad():
-                    _, _, z = model(x)
-                    rec = model.reverse(z, reconstruct=True)
-                ctx.rec.append("roundtrip", dict(impl=impl, shape=shape.name, dtype=str(dtype)[6:],
-                                                 rel_error=rel_error(rec, x), max_rel_error=max_rel_error(rec, x)))
-                del model, x, z, rec
-                free_memory()
+    cases = [(shape, dtype, impl) for shape, dtype in ((ctx.scale.cifar, torch.float32),
+                                                       (ctx.scale.cifar, torch.float64),
+                                                       (ctx.scale.celeba, torch.float32))
+             for impl in ("fastglow-reversible", "eager")]
+    for shape, dtype, impl in cases:
+        if not ctx.out_of_time():
+            ctx.rec.append("roundtrip", attempt(lambda: _roundtrip(ctx, impl, shape, dtype), impl=impl,
+                                                shape=shape.name, dtype=str(dtype)[6:]))
     for dtype in (torch.float64, torch.float32):
         if not ctx.out_of_time():
-            ctx.rec.append("vs_reference", _agreement(ctx, dtype))
+            ctx.rec.append("vs_reference", attempt(lambda: _agreement(ctx, dtype), dtype=str(dtype)[6:]))
+
+
+def _roundtrip(ctx: PhaseContext, impl: str, shape, dtype) -> dict:
+    model, _, x = build(impl, shape.but(batch=min(shape.batch, 8)), ctx.device, dtype=dtype)
+    with torch.no_grad():
+        _, _, z = model(x)
+        rec = model.reverse(z, reconstruct=True)
+    result = dict(rel_error=rel_error(rec, x), max_rel_error=max_rel_error(rec, x))
+    del model, x, z, rec
+    free_memory()
+    return result
 
 
 def _agreement(ctx: PhaseContext, dtype) -> dict:
@@ -303,8 +314,8 @@ def _agreement(ctx: PhaseContext, dtype) -> dict:
         fastglow.bits_per_dim(log_p, logdet, x.shape, 256).backward()
         outs.append((log_p.detach(), logdet.detach(), [p.grad for p in model.parameters()]))
     (lp_r, ld_r, g_r), (lp_f, ld_f, g_f) = outs
-    return dict(dtype=str(dtype)[6:], shape=dataclasses.asdict(shape), log_p=rel_error(lp_f, lp_r),
-                logdet=rel_error(ld_f, ld_r), grads_max=max(rel_error(a, b) for a, b in zip(g_f, g_r)))
+    return dict(shape=dataclasses.asdict(shape), log_p=rel_error(lp_f, lp_r), logdet=rel_error(ld_f, ld_r),
+                grads_max=max(rel_error(a, b) for a, b in zip(g_f, g_r)))
 
 
 def phase_gpu_options(ctx: PhaseContext) -> None:
@@ -319,13 +330,8 @@ def phase_gpu_options(ctx: PhaseContext) -> None:
     for name, options in variants.items():
         if ctx.out_of_time():
             ctx.rec.put("variants", name, dict(status="skipped: the phase budget ran out"))
-            continue
-        try:
-            ctx.rec.put("variants", name, _option_step(shape, device, ctx.scale, **options))
-        except Exception as err:  # recorded; the other variants are still measured
-            traceback.print_exc()
-            ctx.rec.put("variants", name, dict(status=f"error: {type(err).__name__}: {err}"[:300]))
-            free_memory()
+        else:
+            ctx.rec.put("variants", name, attempt(lambda: _option_step(shape, device, ctx.scale, **options)))
 
 
 def _option_step(shape, device, scale, graph=False, **options) -> dict:

@@ -62,18 +62,20 @@ def _check_tests(d, scale, args):
 
 def _check_kernels(d, scale, args):
     rows = d.get("rows", [])
-    fused = [r for r in rows if r["fused"] and r.get("of_copy", 0) > 0]
-    shapes = {tuple(r["shape"]) for r in fused}
-    problems = [f"no fused kernel measured at {s}" for s in scale["kernel_shapes"] if tuple(s) not in shapes]
-    if not any(r["kernel"].startswith("lu_weight_level") and r["ms"] > 0 for r in rows):
+    errors = [f"{r['kernel']} {r['shape']}: {r['status']}" for r in rows if "status" in r]
+    measured = [r for r in rows if r.get("ms", 0) > 0]
+    shapes = {tuple(r["shape"]) for r in measured if r["fused"] and r.get("of_copy", 0) > 0}
+    problems = errors + [f"no fused kernel measured at {s}" for s in scale["kernel_shapes"] if tuple(s) not in shapes]
+    if not any(r["kernel"].startswith("lu_weight_level") for r in measured):
         problems.append("no LU level timing")
     return problems + ([] if d.get("copy_gbps_large", 0) > 0 else ["no copy bandwidth"])
 
 
 def _check_memory(d, scale, args):
-    seen = {(r["impl"], r["n_flow"]) for r in d.get("rows", [])
-            if r["status"] == "oom" or (r["status"] == "ok" and r["peak_gb"] > 0)}
-    return [f"{i} at K={k}: not measured" for i in TRAIN for k in scale["depths"] if (i, k) not in seen]
+    status = {(r["impl"], r["n_flow"]): r["status"] if r["status"] != "ok" or r["peak_gb"] > 0 else "no peak"
+              for r in d.get("rows", [])}
+    return [f"{i} at K={k}: {status.get((i, k), 'not measured')}" for i in TRAIN for k in scale["depths"]
+            if status.get((i, k)) not in ("ok", "oom")]
 
 
 def _check_max_batch(d, scale, args):
@@ -89,8 +91,10 @@ def _check_sampling(d, scale, args):
 
 
 def _check_accuracy(d, scale, args):
-    problems = [] if len(d.get("roundtrip", [])) == 6 else [f"{len(d.get('roundtrip', []))} of 6 round trips"]
-    return problems + ([] if len(d.get("vs_reference", [])) == 2 else ["no comparison with the reference"])
+    trips = [r for r in d.get("roundtrip", []) if "rel_error" in r]
+    compared = [r for r in d.get("vs_reference", []) if "grads_max" in r]
+    return ([] if len(trips) == 6 else [f"{len(trips)} of 6 round trips"]) + \
+        ([] if len(compared) == 2 else [f"{len(compared)} of 2 comparisons with the reference"])
 
 
 def _check_options(d, scale, args):

@@ -2,6 +2,7 @@
 phase must produce its numbers (checked here from the JSON, not only from the run's own verdict); and the runner
 stops a phase that overruns its budget, keeping the others."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from benchmarks.gpu_measure import SCALES, measure_training
 from benchmarks.gpu_phases import largest_batch
 
 REPO = Path(__file__).resolve().parents[1]
+SCALES_AS_DICT = dataclasses.asdict(SCALES["cpu"])
 SMOKE_BUDGET_S = 85
 
 
@@ -85,6 +87,18 @@ def test_a_phase_past_its_budget_is_stopped_and_reported(tmp_path, monkeypatch):
     assert record["status"] == "timeout" and record["seconds"] < 3
     judged = gpu_run.judge(phase, record, {}, args)
     assert judged["status"] == "timeout" and "no numbers recorded" in judged["message"]
+
+
+def test_a_failing_implementation_costs_its_row_only(tmp_path):
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.py").write_text("raise RuntimeError('not a Glow')\n")
+    args = gpu_run.build_parser().parse_args(["--out", str(tmp_path), "--rosinality", str(tmp_path / "broken")])
+    phase = next(p for p in gpu_run.PHASES if p.name == "train_cifar")
+    record = gpu_run.judge(phase, gpu_run.run_phase(phase, args, "cpu", seconds=60), SCALES_AS_DICT, args)
+    assert record["status"] == "incomplete" and "rosinality: error: RuntimeError: not a Glow" in record["message"]
+    assert all(_positive(record["data"]["impls"][i]["ms"]) for i in gpu_run.TRAIN)
+    assert "not a Glow" in (tmp_path / "logs" / "train_cifar.log").read_text()  # the traceback, for the reader
 
 
 def test_a_phase_that_exits_cleanly_without_numbers_is_incomplete():
