@@ -22,8 +22,7 @@ from scipy import linalg
 from torch import nn
 from torch.nn import functional as F
 
-from .conditional import (DEFAULT_CLASS_WEIGHT, ZeroLinear, class_prior_shift, cross_entropy_bits,
-                          top_latent_logits)
+from .conditional import DEFAULT_CLASS_WEIGHT, ClassConditional
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -328,13 +327,13 @@ class Block(nn.Module):
         return unsqueeze2d(x)
 
 
-class Glow(nn.Module):
+class Glow(ClassConditional, nn.Module):
     """Multi-scale Glow: ``forward(x) -> (log_p [B], logdet [B], z_outs)``; ``reverse(z_list, reconstruct)``.
 
     As in rosinality/glow-pytorch, the last level always uses the LU 1x1 conv, whatever ``conv_lu`` says.
-    ``n_classes=N`` builds the class-conditional model (:mod:`fastglow.conditional`): ``forward(x, y)``,
-    ``reverse(z_list, reconstruct, y)``, plus ``class_prior`` and ``classifier`` modules; ``None`` keeps
-    rosinality's module tree exactly.
+    ``n_classes=N`` builds the class-conditional model (:class:`fastglow.conditional.ClassConditional`):
+    ``forward(x, y)``, ``reverse(z_list, reconstruct, y)``, ``class_prior`` and ``classifier`` modules;
+    ``None`` keeps rosinality's module tree exactly.
     """
 
     def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True, hidden_channels=512,
@@ -342,7 +341,6 @@ class Glow(nn.Module):
         super().__init__()
         self.in_channel, self.n_flow, self.n_block = in_channel, n_flow, n_block
         self.affine, self.conv_lu, self.hidden_channels = affine, conv_lu, hidden_channels
-        self.n_classes, self.class_weight = n_classes, class_weight
         self.blocks = nn.ModuleList()
         n_channel = in_channel
         for _ in range(n_block - 1):
@@ -351,10 +349,7 @@ class Glow(nn.Module):
             n_channel *= 2
         self.blocks.append(Block(n_channel, n_flow, split=False, affine=affine,
                                  hidden_channels=hidden_channels))
-        if n_classes is not None:
-            top_channels = n_channel * 4
-            self.class_prior = ZeroLinear(n_classes, 2 * top_channels)
-            self.classifier = ZeroLinear(top_channels, n_classes)
+        self.add_class_modules(n_classes, class_weight, top_channels=n_channel * 4)
         self.register_load_state_dict_pre_hook(_strip_data_parallel_prefix)
 
     def forward(self, x, y=None):
@@ -375,37 +370,6 @@ class Glow(nn.Module):
         for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
             x = block.reverse(x, z, reconstruct=reconstruct, shift=shift)
         return x
-
-    # -- class-conditional models (n_classes=N) ----------------------------------------------------
-    def prior_shifts(self, y, required: bool) -> list:
-        """Per level, what y adds to the prior's output: None below the top; the class term at the top."""
-        if self.n_classes is None or (y is None and not required):
-            return [None] * self.n_block
-        if y is None:
-            raise ValueError(f"y (int64 class labels, shape [B]) is required: the model was built with "
-                             f"n_classes={self.n_classes}")
-        return [None] * (self.n_block - 1) + [class_prior_shift(self.class_prior, y)]
-
-    def class_logits(self, z_outs) -> torch.Tensor:
-        """Logits (B, n_classes) of the auxiliary classifier on forward's top latent ``z_outs[-1]``."""
-        self._require_classifier()
-        return top_latent_logits(self.classifier, z_outs[-1])
-
-    def class_loss(self, z_outs, y) -> torch.Tensor:
-        """class_weight * mean cross-entropy (bits) of the classifier: the training loss is
-        ``bits_per_dim(log_p, logdet, ...) + model.class_loss(z_outs, y)``."""
-        return self.class_weight * cross_entropy_bits(self.class_logits(z_outs), y).mean()
-
-    def classify(self, x) -> torch.Tensor:
-        """Class logits (B, n_classes) of images x. The flow never sees y (only the top prior does), so the
-        latents of any label are the same: x is encoded with label 0 and the density is discarded."""
-        self._require_classifier()
-        _, _, z_outs = self(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device))
-        return self.class_logits(z_outs)
-
-    def _require_classifier(self) -> None:
-        if self.n_classes is None:
-            raise ValueError("the model is unconditional (n_classes=None): it has no classifier")
 
 
 def _strip_data_parallel_prefix(module, state_dict, prefix, *_args):

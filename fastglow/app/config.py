@@ -47,11 +47,15 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     n_bins: int | None = None
+    conditional: bool = False  # class-conditional: y-conditioned top prior and auxiliary classifier
+    class_weight: float = 0.01  # weight of the classifier's cross-entropy (bits) in the loss
+    n_classes: int | None = None  # from the data's labels (class-conditional runs)
+    class_names: list[str] | None = None  # class k's name (digits "0".."9", a folder's sorted subfolders)
 
 
 # Settings that define the run (data, model, data order); a resume must not change them.
 FIXED_ON_RESUME = ("data", "img_size", "channels", "n_bits", "npz_key", "test_fraction", "split_seed",
-                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "batch", "seed")
+                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "batch", "seed", "conditional")
 
 
 def resolve_config(options: dict, saved: dict | None, where: str = "") -> TrainConfig:
