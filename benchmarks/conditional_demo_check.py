@@ -1,6 +1,6 @@
-"""What the conditional demo's model can do, measured: ``make demo`` trains a class-conditional Glow on the
-digits (runs/demo); this script trains its unconditional twin (the same config, ``conditional=False``) and
-reports, on the held-out split:
+"""What the conditional demo's model can do, measured. ``make demo`` trains a class-conditional Glow on the
+digits (runs/demo-conditional); this script trains its unconditional twin (the same config with
+``conditional=False``) and reports, on the held-out split:
 
     test bits/dim        -log2 p(x | y) / D of the conditional model (what the demo prints), its marginal
                          -log2 Σ_y p(y) p(x | y) / D (p(y): the training split's class shares), and the
@@ -12,7 +12,8 @@ reports, on the held-out split:
                          accuracy on the real held-out digits, for scale)
     training time        wall seconds of each run (from its checkpoint) and the CPU seconds of the twin's
 
-    python benchmarks/conditional_demo_check.py [--run runs/demo] [--twin runs/demo-unconditional] [--json F]
+    python benchmarks/conditional_demo_check.py [--run runs/demo-conditional] [--twin runs/demo-unconditional]
+                                                [--json F]
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def measure(run, twin, per_class: int = SAMPLES_PER_CLASS) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", default="runs/demo", help="the conditional run (default runs/demo, from make demo)")
+    p.add_argument("--run", default="runs/demo-conditional", help="the conditional run (default: make demo's)")
     p.add_argument("--twin", default="runs/demo-unconditional", help="where the unconditional twin trains")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)

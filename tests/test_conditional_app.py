@@ -105,6 +105,24 @@ def test_sample_one_class_and_all_classes(ckpt, tmp_path, capsys):
     assert main(["sample", "--ckpt", ckpt, "--class", "all", "--n", "3", "--out", str(out)]) == 0
     assert Image.open(out).size == (3 * 10 + 2, 10 * 10 + 2)
     assert main(["sample", "--ckpt", ckpt, "--n", "5", "--out", str(out)]) == 0  # classes drawn uniformly
+    ends = []
+    for i in range(2):  # interpolate needs no labels: the flow never sees them
+        ends.append(tmp_path / f"{i}.png")
+        Image.fromarray(to_pixels(bin_centres(digit_levels()[i], 17), 17)[0]).save(ends[-1])
+    assert main(["interpolate", "--ckpt", ckpt, *map(str, ends), "--steps", "3", "--out", str(out)]) == 0
+    assert np.array_equal(np.asarray(Image.open(out))[2:10, 2:10], np.asarray(Image.open(ends[0])))
+
+
+def test_conditional_resume_is_bit_identical(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    flags = ["--conditional", *TINY_FLAGS, "--warmup", "2", "--cooldown", "0", "--ckpt-every", "2"]
+    assert main(["train", "--out", str(whole), *flags, "--steps", "4"]) == 0
+    assert main(["train", "--out", str(split), *flags, "--steps", "2"]) == 0
+    assert main(["train", "--out", str(split), "--resume", "--steps", "4", "--no-progress"]) == 0
+    a, b = (torch.load(ckpt_io.list_checkpoints(out)[0][1]) for out in (whole, split))
+    assert a["step"] == b["step"] == 4 and a["config"]["conditional"] and b["config"]["conditional"]
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
 
 
 def test_morph_strip_starts_at_the_held_out_image(ckpt, tmp_path, capsys):

@@ -51,12 +51,12 @@ def build_model(cfg: TrainConfig) -> Glow:
 
 def training_loss(model, x: torch.Tensor, n_bins: int, y: torch.Tensor | None = None) -> torch.Tensor:
     """Mean bits/dim of a batch (rosinality's calc_loss); with labels y, of log p(x | y), plus the class loss."""
+    log_p, logdet, z_outs = model(x) if y is None else model(x, y)
+    loss = bits_per_dim(log_p, logdet, x.shape, n_bins)
     if y is None:
-        log_p, logdet, _ = model(x)
-        return bits_per_dim(log_p, logdet, x.shape, n_bins)
-    log_p, logdet, z_outs = model(x, y)
+        return loss
     glow = getattr(model, "module", model)  # under DDP, the Glow inside the wrapper
-    return bits_per_dim(log_p, logdet, x.shape, n_bins) + glow.class_loss(z_outs, y)
+    return loss + glow.class_loss(z_outs, y)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -383,6 +383,7 @@ def run(state: RunState) -> dict:
     elapsed = time.perf_counter() - state.started
     state.log.write(event="done", step=state.step, test_bpd=state.test_bpd, elapsed_s=round(elapsed, 3),
                     skipped_total=state.skipped)
-    return {"test_bpd": state.test_bpd, "test_accuracy": state.test_accuracy, "sample": state.sample, "checkpoint": state.checkpoint or state.resumed_from,
+    return {"test_bpd": state.test_bpd, "sample": state.sample, "checkpoint": state.checkpoint or state.resumed_from,
+            "test_accuracy": state.test_accuracy,
             "skipped": state.skipped, "step": state.step, "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg),
             "rank": state.dist.rank, "world_size": state.dist.world}
