@@ -100,3 +100,40 @@ def check_matches_model(name: str, t: torch.Tensor, reference: torch.Tensor) -> 
                         f"convert one of them (e.g. model.to({t.dtype}))")
     if t.device != reference.device:
         raise ValueError(f"{name} is on {t.device} but the model is on {reference.device}")
+
+
+def check_class_config(n_classes, class_weight) -> None:
+    """n_classes: None (unconditional) or an int >= 2; class_weight: a finite number >= 0."""
+    if n_classes is not None:
+        _positive_int("n_classes", n_classes)
+        if n_classes < 2:
+            raise ValueError(f"n_classes must be >= 2 (or None for an unconditional model), got {n_classes}")
+    if isinstance(class_weight, bool) or not isinstance(class_weight, (int, float)):
+        raise TypeError(f"class_weight must be a number, got {type(class_weight).__name__}")
+    if not 0 <= class_weight < float("inf"):
+        raise ValueError(f"class_weight must be a finite number >= 0, got {class_weight}")
+
+
+def check_labels(y, n_classes: int | None, batch: int, device: torch.device, required: bool = True) -> None:
+    """y: int64 class labels of shape (batch,) in [0, n_classes), on ``device``; given exactly when the model is
+    class-conditional (``required=False``: optional there, e.g. a reconstructing reverse)."""
+    if n_classes is None:
+        if y is not None:
+            raise ValueError("y was given, but the model is unconditional (built with n_classes=None)")
+        return
+    if y is None:
+        if required:
+            raise ValueError(f"y (int64 class labels, shape [{batch}]) is required: the model was built with "
+                             f"n_classes={n_classes}")
+        return
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"y must be a torch.Tensor of int64 class labels, got {type(y).__name__}")
+    if y.dtype != torch.int64:
+        raise TypeError(f"y must have dtype torch.int64 (class labels), got {y.dtype}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"y must have shape ({batch},), one label per image, got {tuple(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"y is on {y.device} but the images/latents are on {device}")
+    capturing = y.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and batch and not bool(((y >= 0) & (y < n_classes)).all()):
+        raise ValueError(f"y holds labels outside [0, {n_classes}): min {int(y.min())}, max {int(y.max())}")

@@ -9,8 +9,9 @@ import torch
 
 from . import reference
 from .backends import select_backend
-from .checks import (check_config, check_execution_options, check_image, check_img_size, check_matches_model,
-                     check_z_list)
+from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
+                     check_labels, check_matches_model, check_z_list)
+from .conditional import DEFAULT_CLASS_WEIGHT
 from .reversible import reversible_steps
 
 
@@ -18,21 +19,25 @@ class Glow(reference.Glow):
     """Drop-in for rosinality/glow-pytorch's ``Glow``.
 
     Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
-    "triton") and ``reversible`` (constant-memory backprop). Execution options (same maths, same state):
-    ``autocast_dtype`` (torch.bfloat16 or torch.float16: the coupling networks run under autocast, the flow
-    maths - ActNorm, the 1x1 mix, the coupling combine, logdet, LU, priors - in the parameters' dtype),
-    ``channels_last`` (the coupling networks' weights and inputs in channels_last memory format) and
-    ``validate`` (False: skip the input's NaN/Inf check, the one host sync of a training step).
+    "triton"), ``reversible`` (constant-memory backprop), ``n_classes`` (class-conditional: y-conditioned top
+    prior and an auxiliary classifier, see :mod:`fastglow.conditional`) and ``class_weight`` (its loss weight).
+    Execution options (same maths, same state): ``autocast_dtype`` (torch.bfloat16 or torch.float16: the
+    coupling networks run under autocast, the flow maths - ActNorm, the 1x1 mix, the coupling combine, logdet,
+    LU, priors - in the parameters' dtype), ``channels_last`` (the coupling networks' weights and inputs in
+    channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check, the one host sync of
+    a training step).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
-                 reversible: bool = True, autocast_dtype: torch.dtype | None = None,
+                 reversible: bool = True, n_classes: int | None = None,
+                 class_weight: float = DEFAULT_CLASS_WEIGHT, autocast_dtype: torch.dtype | None = None,
                  channels_last: bool = False, validate: bool = True):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        check_class_config(n_classes, class_weight)
         check_execution_options(autocast_dtype, channels_last, validate)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
-                         hidden_channels=hidden_channels)
+                         hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight)
         self.backend = backend
         self.reversible = reversible
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
@@ -52,27 +57,29 @@ class Glow(reference.Glow):
             return contextlib.nullcontext()
         return torch.autocast(device_type, enabled=False)
 
-    def forward(self, x: torch.Tensor):
-        """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs)."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs); a class-conditional model takes labels y
+        (int64 [B]) and log_p is log p(z | y)."""
         check_image(x, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("input", x, self.blocks[0].prior.scale)
+        check_labels(y, self.n_classes, x.shape[0], x.device)
         self.last_img_size = (x.shape[2], x.shape[3])
         with self.flow_precision(x.device.type):
-            return self._forward(x)
+            return self._forward(x, y)
 
-    def _forward(self, x: torch.Tensor):
+    def _forward(self, x: torch.Tensor, y: torch.Tensor | None):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
-            return super().forward(x)
+            return super().forward(x, y)
         backend = select_backend(self.backend, x)
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
         out = x
-        for block in self.blocks:
+        for block, shift in zip(self.blocks, self.prior_shifts(y, required=True)):
             out, det = self._run_flows(block, backend.squeeze(out), backend)
             logdet = logdet + det
-            out, log_p, z = block.split_off(out)
+            out, log_p, z = block.split_off(out, shift)
             log_p_sum = log_p_sum + log_p
             z_outs.append(z)
         return log_p_sum, logdet, z_outs
@@ -82,27 +89,31 @@ class Glow(reference.Glow):
         are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
         return reversible_steps(block.flows, x, backend) if self.reversible else backend.forward(block.flows, x)
 
-    def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
-        """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
+    def reverse(self, z_list, reconstruct: bool = False, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise, which a
+        class-conditional model turns into latents under the prior of labels y (int64 [B])."""
         check_z_list(z_list, self.in_channel, self.n_block)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
+        check_labels(y, self.n_classes, z_list[-1].shape[0], z_list[-1].device, required=not reconstruct)
         with self.flow_precision(z_list[-1].device.type):
-            return self._reverse(z_list, reconstruct)
+            return self._reverse(z_list, reconstruct, y)
 
-    def _reverse(self, z_list, reconstruct: bool) -> torch.Tensor:
+    def _reverse(self, z_list, reconstruct: bool, y: torch.Tensor | None) -> torch.Tensor:
         backend = select_backend(self.backend, z_list[-1])
         x = z_list[-1]
-        for block, z in zip(self.blocks[::-1], z_list[::-1]):
-            x = block.merge(x, z, reconstruct=reconstruct)
+        shifts = self.prior_shifts(y, required=not reconstruct)
+        for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
+            x = block.merge(x, z, reconstruct=reconstruct, shift=shift)
             x = backend.unsqueeze(backend.inverse(block.flows, x))
         return x
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, img_size=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, y: int | torch.Tensor | None = None) -> torch.Tensor:
         """Draw ``n`` images at ``temperature`` (latents ~ N(0, temperature^2) before the priors).
 
-        ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``.
+        ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``. A
+        class-conditional model takes the classes ``y``: one int for all n, or int64 labels of shape [n].
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
@@ -113,7 +124,10 @@ class Glow(reference.Glow):
             raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")
         img_size = check_img_size(img_size, self.n_block)
         ref = next(self.parameters())
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.int64, device=ref.device)
+        check_labels(y, self.n_classes, n, ref.device)
         z_list = [temperature * torch.randn(n, *shape, generator=generator, dtype=ref.dtype,
                                             device=ref.device)
                   for shape in reference.z_shapes(self.in_channel, img_size, self.n_block)]
-        return self.reverse(z_list)
+        return self.reverse(z_list, y=y)

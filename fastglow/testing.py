@@ -38,20 +38,23 @@ def perturb_(module: nn.Module, sigma: float = 0.01, seed: int = 0) -> nn.Module
 
 
 @torch.no_grad()
-def initialized_model(model: nn.Module, x: torch.Tensor, sigma: float = 0.01, seed: int = 0) -> nn.Module:
-    """Run ActNorm's data-dependent init on ``x``, then perturb every parameter."""
-    model(x)
+def initialized_model(model: nn.Module, x: torch.Tensor, sigma: float = 0.01, seed: int = 0,
+                      y: torch.Tensor | None = None) -> nn.Module:
+    """Run ActNorm's data-dependent init on ``x`` (with labels ``y`` for a class-conditional model), then
+    perturb every parameter."""
+    model(x) if y is None else model(x, y)
     return perturb_(model, sigma, seed)
 
 
 def models_on_one_state(constructors: Sequence[Callable[[], nn.Module]], x_shape, *, sigma: float,
-                        dtype: torch.dtype = torch.float64, seed: int = 0):
+                        dtype: torch.dtype = torch.float64, seed: int = 0, y: torch.Tensor | None = None):
     """-> (x, [models]): after ``torch.manual_seed(seed)``, x ~ U(-0.5, 0.5) of ``x_shape``; the first model is
-    ActNorm-initialised on x and perturbed by ``sigma``, every other one loads its ``state_dict`` (so a
-    reference Glow and fastglow Glows of several backends or modes share exactly the same weights)."""
+    ActNorm-initialised on x (and labels ``y``, class-conditional models) and perturbed by ``sigma``, every other
+    one loads its ``state_dict`` (so a reference Glow and fastglow Glows of several backends or modes share
+    exactly the same weights)."""
     torch.manual_seed(seed)
     x = torch.rand(*x_shape, dtype=dtype) - 0.5
-    first = initialized_model(constructors[0]().to(dtype), x, sigma=sigma)
+    first = initialized_model(constructors[0]().to(dtype), x, sigma=sigma, y=y)
     models = [first]
     for make in constructors[1:]:
         model = make().to(dtype)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import Glow
-from .errors import CheckpointError, one_line
+from .errors import CheckpointError, InputError, one_line
 
 FORMAT = "fastglow-checkpoint"
 VERSION = 1
@@ -205,9 +205,19 @@ def infer_shape(state_dict: dict, path) -> dict:
         raise CheckpointError(f"{path}: not a Glow state_dict (rosinality's keys blocks.<i>.flows.<k>... "
                               "are missing)") from None
     return {"in_channel": squeezed // 4, "n_flow": n_flow, "n_block": n_block, "hidden": net0.shape[0],
-            "affine": out4 == squeezed,
+            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path),
             # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter)
             "conv_lu": "blocks.0.flows.0.invconv.w_p" in state_dict if n_block > 1 else None}
+
+
+def _n_classes(state_dict: dict, path) -> int | None:
+    """A class-conditional model's class count, read off class_prior.weight (2 C_top, n_classes); else None."""
+    weight = state_dict.get("class_prior.weight")
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] < 2:
+        raise CheckpointError(f"{path}: class_prior.weight is not a (channels, n_classes >= 2) matrix")
+    return weight.shape[1]
 
 
 def _flag(key: str, value) -> str:
@@ -223,7 +233,8 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
 
     ``flags`` holds the model-shape flags the user gave (None when not given): they must agree with the
     checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
-    n_bins (from the config, or 2**n_bits, default 5 bits) and the run's config (None for a bare state_dict).
+    n_bins (from the config, or 2**n_bits, default 5 bits), the run's config (None for a bare state_dict), the
+    model's shape and, class-conditional models, ``class_names`` (from the config, else None).
     """
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
@@ -245,7 +256,8 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
         n_bins = 2 ** (flags.get("n_bits") or 5)
     shape["conv_lu"] = shape["conv_lu"] is not False
     model = Glow(shape["in_channel"], shape["n_flow"], shape["n_block"], affine=shape["affine"],
-                 conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False)
+                 conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False,
+                 n_classes=shape["n_classes"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -253,4 +265,56 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     if img_size % 2 ** shape["n_block"]:
         raise CheckpointError(f"{path}: --img-size {img_size} is not a multiple of 2**n_block = "
                               f"{2 ** shape['n_block']}")
-    return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config, **shape}
+    class_names = (config or {}).get("class_names") if shape["n_classes"] else None
+    return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config,
+                                     "class_names": class_names, **shape}
+
+
+def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_key: str | None):
+    """The data set a loaded checkpoint (``info`` from :func:`load_model`) is evaluated on: ``data``, else the
+    run's own, checked against the model -> (its name, levels, int64 class labels, or None when the model is
+    unconditional)."""
+    from .data import load_dataset, load_labels
+
+    config = info["config"] or {}
+    data = data or config.get("data")
+    if data is None:
+        raise InputError(f"{path}: a bare state_dict has no training data recorded; pass --data")
+    if data == "digits" and (info["in_channel"], info["img_size"]) != (1, 8):
+        raise InputError(f"{path}: the model takes {info['in_channel']}x{info['img_size']}x{info['img_size']} "
+                         "images, the digits are 1x8x8")
+    if config and n_bits not in (None, config.get("n_bits")):
+        raise InputError(f"{path}: the model was trained with --n-bits {config.get('n_bits')}")
+    n_bits = n_bits if n_bits is not None else config.get("n_bits")
+    levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
+                                  None if data == "digits" else info["in_channel"], n_bits, npz_key)
+    if n_bins != info["n_bins"] and config:
+        raise InputError(f"{data}: has {n_bins} levels per channel, the model was trained on {info['n_bins']}")
+    if not info["n_classes"]:
+        return data, levels, None
+    labels, names = load_labels(data, levels.shape[0])
+    if info["class_names"] and names != info["class_names"]:
+        raise InputError(f"{data}: has the classes {_some(names)}, the model was trained on "
+                         f"{_some(info['class_names'])}")
+    if len(names) != info["n_classes"]:
+        raise InputError(f"{data}: has {len(names)} classes, the model was trained on {info['n_classes']}")
+    return data, levels, labels
+
+
+def _some(names: list[str]) -> str:
+    return str(names) if len(names) <= 12 else f"{names[:10]} ... ({len(names)} classes)"
+
+
+def run_split(levels, labels, split: str, data: str, config: dict):
+    """A run's "train" or "test" split (test fraction and seed from its ``config``), or "all" ->
+    (levels, labels); ``labels`` None stays None."""
+    from .classes import split_labels
+    from .data import split_dataset
+
+    if split == "all":
+        return levels, labels
+    fraction = config.get("test_fraction") or (0.2 if data == "digits" else 0.1)
+    seed = config.get("split_seed", 0)
+    train_set, test_set = split_dataset(levels, fraction, torch.Generator().manual_seed(seed))
+    train_labels, test_labels = split_labels(labels, fraction, seed)
+    return (test_set, test_labels) if split == "test" else (train_set, train_labels)

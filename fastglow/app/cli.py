@@ -1,4 +1,4 @@
-"""The ``fastglow`` command: train, sample, eval, interpolate.
+"""The ``fastglow`` command: train, sample, eval, interpolate, morph.
 
 Bad input (a missing/empty/unreadable data set, images smaller than --img-size, a corrupt checkpoint or one of
 another shape) ends with one line on stderr naming the file and the problem, and exit status 2; a run stopped
@@ -36,6 +36,13 @@ def _channels(text: str):
     if text not in ("1", "3"):
         raise argparse.ArgumentTypeError(f"must be 1, 3 or auto, got {text}")
     return int(text)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -102,6 +109,12 @@ def _add_train_command(sub) -> None:
     g.add_argument("--test-fraction", type=_fraction, help="held-out share (digits 0.2, else 0.1)")
     g.add_argument("--split-seed", type=int, help="seed of the train/held-out split (default 0)")
     _add_shape_flags(t, defaults=C)
+    c = t.add_argument_group("classes")
+    c.add_argument("--conditional", action="store_const", const=True,
+                   help="class-conditional Glow: the top prior depends on the label (digits: 0-9; a folder: one "
+                        "subfolder per class; an .npz: its 'labels' array), plus an auxiliary classifier")
+    c.add_argument("--class-weight", type=_non_negative_float,
+                   help=f"weight of the classifier's cross-entropy (bits) in the loss (default {C.class_weight})")
     g = _add_execution_flags(t)
     g.add_argument("--reversible", dest="reversible", action="store_const", const=True,
                    help="constant-memory backprop (the default)")
@@ -147,7 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="draw a grid of samples from a checkpoint")
     s.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
-    s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
+    s.add_argument("--n", type=_positive_int, help="number of samples (default 64; with --class all, per class, "
+                                                    "default 10)")
+    s.add_argument("--class", dest="classes", metavar="CLASS",
+                   help="class-conditional checkpoints: the class (id or name) of every sample, or 'all' for one "
+                        "row per class (default: each sample's class drawn uniformly)")
     s.add_argument("--temperature", type=float, default=0.7, help="latent temperature (default 0.7)")
     s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
     s.add_argument("--seed", type=int, default=0)
@@ -177,7 +194,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_flags(i)
     _add_execution_flags(i)
     i.set_defaults(run=_interpolate)
+    _add_morph_command(sub)
     return parser
+
+
+def _add_morph_command(sub) -> None:
+    m = sub.add_parser("morph", help="class-conditional checkpoints: a strip moving a held-out image of one class "
+                                     "toward another (along the difference of the class-mean latents)")
+    m.add_argument("--ckpt", required=True, help="a checkpoint trained with --conditional")
+    m.add_argument("--from", dest="class_from", required=True, metavar="CLASS", help="class (id or name) of the image")
+    m.add_argument("--to", dest="class_to", required=True, metavar="CLASS", help="class (id or name) to move toward")
+    m.add_argument("--index", type=_non_negative_int, default=0,
+                   help="which held-out image of class --from (default 0, the first)")
+    m.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
+    m.add_argument("--out", default="morph.png", help="PNG to write (default morph.png)")
+    m.add_argument("--data", help="the data set (default: the run's own); class means come from its training split")
+    m.add_argument("--npz-key", help="the .npz array to read (as for train)")
+    m.add_argument("--batch", type=_positive_int, default=256)
+    _add_image_output_flags(m)
+    _add_shape_flags(m)
+    _add_execution_flags(m)
+    m.set_defaults(run=_morph)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +231,8 @@ def _train(args: argparse.Namespace) -> int:
     if summary["rank"] == 0:
         print(f"step {summary['step']}: test bits/dim {summary['test_bpd']:.4f} "
               f"({summary['elapsed_s']:.1f} s of training, {summary['skipped']} steps skipped)")
+        if summary["test_accuracy"] is not None:
+            print(f"held-out classification accuracy {summary['test_accuracy']:.4f}")
         print(f"samples: {summary['sample']}")
         print(f"checkpoint: {summary['checkpoint']}")
     return 0
@@ -217,13 +256,35 @@ def _sample(args: argparse.Namespace) -> int:
     model, info = _load(args)
     gen = torch.Generator().manual_seed(args.seed)
     device = next(model.parameters()).device
-    z = [args.temperature * torch.randn(args.n, *s, generator=gen).to(device)
+    y, nrow = _sample_classes(args, info, gen)
+    n = (args.n or 64) if y is None else y.shape[0]
+    z = [args.temperature * torch.randn(n, *s, generator=gen).to(device)
          for s in _z_shapes(info)]
     with torch.no_grad():
-        images = model.reverse(z)
-    save_image_grid(images, args.out, info["n_bins"], nrow=args.nrow, zoom=args.zoom)
-    print(f"{args.n} samples at temperature {args.temperature} -> {args.out}")
+        images = model.reverse(z, y=None if y is None else y.to(device))
+    save_image_grid(images, args.out, info["n_bins"], nrow=nrow, zoom=args.zoom)
+    print(f"{n} samples at temperature {args.temperature} -> {args.out}")
     return 0
+
+
+def _sample_classes(args, info, gen: torch.Generator):
+    """(labels of the samples or None, images per row) for ``fastglow sample``'s --class, --n and --nrow."""
+    from .classes import class_grid_labels, resolve_class
+
+    n_classes = info["n_classes"]
+    if n_classes is None:
+        if args.classes is not None:
+            raise InputError(f"{args.ckpt}: the model is unconditional; --class needs a checkpoint trained "
+                             "with --conditional")
+        return None, args.nrow
+    if args.classes == "all":
+        per_class = args.n or 10
+        return class_grid_labels(n_classes, per_class), per_class
+    n = args.n or 64
+    if args.classes is None:
+        return torch.randint(n_classes, (n,), generator=gen), args.nrow
+    k = resolve_class(args.classes, info["class_names"], n_classes, "--class")
+    return torch.full((n,), k, dtype=torch.int64), args.nrow
 
 
 def _z_shapes(info):
@@ -231,35 +292,24 @@ def _z_shapes(info):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset, split_dataset
+    from .checkpoint import checkpoint_data, run_split
+    from .classes import classification_accuracy
     from .distributed import Dist
     from .loop import evaluate
 
     model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
     config = info["config"] or {}
-    data = args.data or config.get("data")
-    if data is None:
-        raise InputError(f"{args.ckpt}: a bare state_dict has no training data recorded; pass --data")
-    if data == "digits" and (info["in_channel"], info["img_size"]) != (1, 8):
-        raise InputError(f"{args.ckpt}: the model takes {info['in_channel']}x{info['img_size']}x{info['img_size']} "
-                         "images, the digits are 1x8x8")
-    n_bits = args.n_bits if args.n_bits is not None else config.get("n_bits")
-    if config and args.n_bits not in (None, config.get("n_bits")):
-        raise InputError(f"{args.ckpt}: the model was trained with --n-bits {config.get('n_bits')}")
-    levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
-                                  None if data == "digits" else info["in_channel"], n_bits, args.npz_key)
-    if n_bins != info["n_bins"] and config:
-        raise InputError(f"{data}: has {n_bins} levels per channel, the model was trained on {info['n_bins']}")
+    data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
     own_data = bool(config) and _same_data(data, config.get("data"))
     split = args.split or ("test" if own_data else "all")
-    if split != "all":
-        fraction = config.get("test_fraction") or (0.2 if data == "digits" else 0.1)
-        seed = config.get("split_seed", 0)
-        train_set, test_set = split_dataset(levels, fraction, torch.Generator().manual_seed(seed))
-        levels = test_set if split == "test" else train_set
+    levels, labels = run_split(levels, labels, split, data, config)
     device = next(model.parameters()).device
-    bpd = evaluate(model, levels, n_bins, args.batch, args.seed, Dist(0, 1, device))
-    print(f"{split} bits/dim {bpd:.4f} on {levels.shape[0]} images of {data}")
+    bpd = evaluate(model, levels, info["n_bins"], args.batch, args.seed, Dist(0, 1, device), labels)
+    accuracy = ""
+    if labels is not None:
+        correct = classification_accuracy(model, levels, labels, info["n_bins"], args.batch, device)
+        accuracy = f" given their classes, classification accuracy {correct:.4f}"
+    print(f"{split} bits/dim {bpd:.4f} on {levels.shape[0]} images of {data}{accuracy}")
     return 0
 
 
@@ -280,12 +330,44 @@ def _interpolate(args: argparse.Namespace) -> int:
     ends = [to_levels(read_image(p, info["img_size"], info["in_channel"]), info["n_bins"]) for p in args.images]
     x = bin_centres(torch.stack(ends), info["n_bins"]).to(device)
     with torch.no_grad():
-        _, _, z_outs = model(x)
+        z_outs = model.encode(x)
         t = torch.linspace(0, 1, args.steps, device=device).view(-1, 1, 1, 1)
         path = [(1 - t) * z[0:1] + t * z[1:2] for z in z_outs]  # z_t = (1 - t) z_A + t z_B, every level
         images = model.reverse(path, reconstruct=True)
     save_png(image_grid(to_pixels(images, info["n_bins"]), nrow=args.steps, zoom=args.zoom), args.out)
     print(f"{args.steps} images from {args.images[0]} to {args.images[1]} -> {args.out}")
+    return 0
+
+
+def _morph(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_data, run_split
+    from .classes import class_mean_latents, morph_path, resolve_class
+    from .data import bin_centres, image_grid, save_png, to_pixels
+
+    if args.steps < 2:
+        raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
+    model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
+    if info["n_classes"] is None:
+        raise InputError(f"{args.ckpt}: the model is unconditional; morph needs a checkpoint trained with "
+                         "--conditional")
+    a, b = (resolve_class(text, info["class_names"], info["n_classes"], flag)
+            for text, flag in ((args.class_from, "--from"), (args.class_to, "--to")))
+    data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
+    train_set, train_labels = run_split(levels, labels, "train", data, info["config"] or {})
+    test_set, test_labels = run_split(levels, labels, "test", data, info["config"] or {})
+    held_out = test_set[test_labels == a]
+    if args.index >= held_out.shape[0]:
+        raise InputError(f"--index {args.index}: the held-out split has {held_out.shape[0]} images of class "
+                         f"{args.class_from}")
+    device, n_bins = next(model.parameters()).device, info["n_bins"]
+    means = class_mean_latents(model, train_set, train_labels, (a, b), n_bins, args.batch, device)
+    x = bin_centres(held_out[args.index:args.index + 1], n_bins).to(device)
+    with torch.no_grad():
+        z_outs = model(x, torch.tensor([a], device=device))[2]
+        images = model.reverse(morph_path(z_outs, means[a], means[b], args.steps), reconstruct=True)
+    save_png(image_grid(to_pixels(images, n_bins), nrow=args.steps, zoom=args.zoom), args.out)
+    print(f"held-out image {args.index} of class {args.class_from} moved toward class {args.class_to} in "
+          f"{args.steps} steps -> {args.out}")
     return 0
 
 

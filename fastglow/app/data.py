@@ -7,6 +7,9 @@ A data set is a uint8 tensor of quantisation *levels* (N, C, H, W) with values i
     .npz     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, under the key ``images``
              (or ``npz_key``; an archive with a single array needs none); quantised like a folder
 The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
+
+Class labels (class-conditional runs, :func:`load_labels`): the digits' own 0..9; a folder's first-level
+subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.nda
     """Every image file under ``root`` (recursively, sorted) -> uint8 (N, C, img_size, img_size)."""
     from PIL import Image
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = image_files(root)
     if not files:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     modes = []
@@ -98,6 +101,11 @@ def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.nda
     for i, f in enumerate(files):
         out[i] = read_image(f, img_size, channels)
     return out
+
+
+def image_files(root: Path) -> list[Path]:
+    """Every image file under ``root``, recursively, in the (sorted) order the data set's images have."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
 def read_image(path, img_size: int, channels: int) -> np.ndarray:
@@ -177,6 +185,64 @@ def _refit(chw: np.ndarray, img_size: int) -> np.ndarray:
     im = Image.fromarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
     out = np.asarray(fit_image(im, img_size), dtype=np.uint8)
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class labels
+# ----------------------------------------------------------------------------------------------
+NPZ_LABELS_KEY = "labels"
+
+
+def load_labels(source: str, n_images: int) -> tuple[torch.Tensor, list[str]]:
+    """Class labels of the ``n_images`` images of ``source`` (as :func:`load_dataset` orders them) ->
+    (int64 labels (N,), class names; id k names class k)."""
+    if source == "digits":
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        labels, names = torch.from_numpy(sklearn_digits().target.astype(np.int64)), [str(k) for k in range(10)]
+    elif Path(source).is_dir():
+        labels, names = folder_labels(Path(source))
+    else:
+        labels, names = npz_labels(Path(source))
+    if labels.shape != (n_images,):
+        raise InputError(f"{source}: {labels.shape[0]} labels for {n_images} images")
+    if len(names) < 2:
+        raise InputError(f"{source}: a class-conditional run needs at least 2 classes, found {names}")
+    return labels, names
+
+
+def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
+    """One first-level subfolder per class: sorted subfolder names -> class ids 0, 1, ..."""
+    files = image_files(root)
+    loose = [f for f in files if f.parent == root]
+    if loose:
+        raise InputError(f"{loose[0]}: an image outside the class subfolders; a class-conditional run takes "
+                         f"one subfolder of {root} per class")
+    classes = [f.relative_to(root).parts[0] for f in files]
+    names = sorted(set(classes))
+    ids = {name: k for k, name in enumerate(names)}
+    return torch.tensor([ids[c] for c in classes], dtype=torch.int64), names
+
+
+def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """The integer array ``labels`` (N,) of an .npz, values >= 0; class k is named "k", n_classes = max + 1."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if NPZ_LABELS_KEY not in archive.files:
+                raise InputError(f"{path}: no array named {NPZ_LABELS_KEY!r} (it holds {list(archive.files)}); "
+                                 "a class-conditional run needs one class label per image")
+            labels = archive[NPZ_LABELS_KEY]
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: cannot read .npz ({one_line(err)})") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise InputError(f"{path}: {NPZ_LABELS_KEY!r} must be a 1-D integer array, got {labels.dtype} "
+                         f"of shape {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise InputError(f"{path}: {NPZ_LABELS_KEY!r} holds a negative class id ({labels.min()})")
+    n_classes = int(labels.max()) + 1 if labels.size else 0
+    return torch.from_numpy(labels.astype(np.int64)), [str(k) for k in range(n_classes)]
 
 
 # ----------------------------------------------------------------------------------------------

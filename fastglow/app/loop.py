@@ -2,6 +2,8 @@
 
 Per step, on a global batch of B images x = (level + u) / n_bins - 1/2, u ~ U[0, 1):
     loss = bits/dim = -(log p(z) + log|det J| - D log n_bins) / (D log 2),   D = C H W
+(class-conditional runs, ``--conditional``: log p(z | y) with the image's label y, plus the auxiliary classifier's
+``model.class_loss`` = class_weight * cross-entropy in bits; the logged train_bpd is that sum)
 minimised with Adam at lr_t = lr * min(1, t / warmup) (linear warm-up, t = 1, 2, ...), optionally times
 min(1, (T - t + 1) / cooldown) (a linear decay to zero over the last ``cooldown`` of the T steps).
 
@@ -31,7 +33,8 @@ import torch
 from .. import CudaGraphStep, Glow, bits_per_dim, z_shapes
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, resolve_config
-from .data import ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
+from .classes import class_grid_labels, classification_accuracy, split_labels
+from .data import ShuffledBatches, dequantize, load_dataset, load_labels, save_image_grid, split_dataset
 from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, setup_distributed, shard,
                           teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError
@@ -42,13 +45,18 @@ from .errors import CheckpointError, InputError, TrainingError
 # ----------------------------------------------------------------------------------------------
 def build_model(cfg: TrainConfig) -> Glow:
     return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
-                hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible)
+                hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible,
+                n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight)
 
 
-def training_loss(model, x: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Mean bits/dim of a batch (rosinality's calc_loss)."""
-    log_p, logdet, _ = model(x)
-    return bits_per_dim(log_p, logdet, x.shape, n_bins)
+def training_loss(model, x: torch.Tensor, n_bins: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean bits/dim of a batch (rosinality's calc_loss); with labels y, of log p(x | y), plus the class loss."""
+    log_p, logdet, z_outs = model(x) if y is None else model(x, y)
+    loss = bits_per_dim(log_p, logdet, x.shape, n_bins)
+    if y is None:
+        return loss
+    glow = getattr(model, "module", model)  # under DDP, the Glow inside the wrapper
+    return loss + glow.class_loss(z_outs, y)
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
@@ -59,14 +67,17 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, dist: Dist) -> float:
-    """Mean bits/dim over ``levels`` with fixed dequantisation noise (seeded), sharded over the ranks."""
+def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, dist: Dist,
+             labels: torch.Tensor | None = None) -> float:
+    """Mean bits/dim over ``levels`` with fixed dequantisation noise (seeded), sharded over the ranks; with
+    ``labels`` (a class-conditional model), of log p(x | label)."""
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     for start in range(0, levels.shape[0], batch):
         x = dequantize(levels[start:start + batch], n_bins, gen)[dist.rank::dist.world].to(dist.device)
         if x.shape[0]:
-            log_p, logdet, _ = model(x)
+            y = None if labels is None else labels[start:start + batch][dist.rank::dist.world].to(dist.device)
+            log_p, logdet, _ = model(x) if y is None else model(x, y)
             bpd = bits_per_dim(log_p, logdet, x.shape, n_bins, reduction="none")
             total += torch.stack([bpd.double().sum(), total.new_tensor(x.shape[0])])
     total = all_reduce_sum(total, dist)
@@ -95,6 +106,9 @@ class RunState:
     log: ckpt_io.MetricsLog
     net: torch.nn.Module | None = None  # the model, in DistributedDataParallel under torchrun
     z_sample: list[torch.Tensor] = dataclasses.field(default_factory=list)  # latents of every sample grid
+    train_labels: torch.Tensor | None = None  # int64 class ids (class-conditional runs)
+    test_labels: torch.Tensor | None = None
+    y_sample: torch.Tensor | None = None  # classes of the sample grid's images: one row per class
     step: int = 0
     elapsed: float = 0.0  # training seconds so far, over every resume
     started: float = 0.0  # time.perf_counter() at which this process's elapsed would have been 0
@@ -102,6 +116,7 @@ class RunState:
     bad_run: int = 0  # of them, consecutive up to now
     window: list[float] = dataclasses.field(default_factory=list)  # train bits/dim since the last log line
     test_bpd: float | None = None
+    test_accuracy: float | None = None  # of model.classify on the held-out split (class-conditional runs)
     sample: str | None = None  # the newest sample grid
     checkpoint: str | None = None  # the newest checkpoint this process wrote
     resumed_from: str | None = None
@@ -111,8 +126,11 @@ class RunState:
     def out(self) -> Path:
         return Path(self.cfg.out)
 
-    def next_global_batch(self) -> torch.Tensor:
-        return dequantize(self.train_set[self.batches.next()], self.cfg.n_bins, self.data_gen)
+    def next_global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, their labels or None) of the next global batch."""
+        idx = self.batches.next()
+        labels = None if self.train_labels is None else self.train_labels[idx]
+        return dequantize(self.train_set[idx], self.cfg.n_bins, self.data_gen), labels
 
 
 def start_or_resume(options: dict, resume: bool, dist: Dist) -> RunState:
@@ -132,7 +150,11 @@ def start_or_resume(options: dict, resume: bool, dist: Dist) -> RunState:
         _initialise(state, resume)
     state.net = wrap_model(state.model, dist)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    state.z_sample = [cfg.temperature * torch.randn(cfg.n_sample, *s, generator=gen)
+    n_sample = cfg.n_sample
+    if cfg.conditional:  # one row per class
+        per_class = max(1, cfg.n_sample // cfg.n_classes)
+        state.y_sample, n_sample = class_grid_labels(cfg.n_classes, per_class), per_class * cfg.n_classes
+    state.z_sample = [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
                       for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)]
     return state
 
@@ -176,9 +198,20 @@ def _load_data(cfg: TrainConfig, dist: Dist):
     return train_set, test_set
 
 
+def _load_class_labels(cfg: TrainConfig, n_images: int):
+    """Class-conditional runs: the data's labels split like the images, filling in cfg.n_classes and
+    cfg.class_names -> (train, test) int64 labels; (None, None) for an unconditional run."""
+    if not cfg.conditional:
+        return None, None
+    labels, cfg.class_names = load_labels(cfg.data, n_images)
+    cfg.n_classes = len(cfg.class_names)
+    return split_labels(labels, cfg.test_fraction, cfg.split_seed)
+
+
 def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     """The data, and a seeded model, optimizer and data order at step 0 (before ActNorm's init or a resume)."""
     train_set, test_set = _load_data(cfg, dist)
+    train_labels, test_labels = _load_class_labels(cfg, train_set.shape[0] + test_set.shape[0])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -191,7 +224,8 @@ def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     log = ckpt_io.MetricsLog(Path(cfg.out) / "metrics.jsonl", dist.main)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log)
+    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log,
+                    train_labels=train_labels, test_labels=test_labels)
 
 
 def _restore(state: RunState, path: str, ckpt: dict) -> None:
@@ -217,8 +251,9 @@ def _initialise(state: RunState, resume: bool) -> None:
         print(f"no checkpoint in {state.out}: starting a new run", file=sys.stderr)
     if state.dist.main:
         state.log.path.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
+    x, y = state.next_global_batch()
     with torch.no_grad():
-        state.model(state.next_global_batch().to(state.dist.device))
+        state.model(x.to(state.dist.device), None if y is None else y.to(state.dist.device))
     state.log.write(event="start", step=0, config=dataclasses.asdict(state.cfg), world_size=state.dist.world,
                     n_train=state.train_set.shape[0], n_test=state.test_set.shape[0])
 
@@ -230,13 +265,15 @@ def train_step(state: RunState) -> tuple[float, float]:
     """One optimizer step on the next global batch (skipped on every rank if the loss or the gradient is
     non-finite) -> (learning rate, gradient norm)."""
     cfg, dist = state.cfg, state.dist
-    x = shard(state.next_global_batch(), dist).to(dist.device, non_blocking=True)
+    x, y = state.next_global_batch()
+    x = shard(x, dist).to(dist.device, non_blocking=True)
+    y = None if y is None else shard(y, dist).to(dist.device, non_blocking=True)
     state.step += 1
     lr = learning_rate(cfg, state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
-    loss = _loss_and_gradients(state, x)
+    loss = _loss_and_gradients(state, x, y)
     stats = torch.stack([loss.detach().float(), _grad_norm(state.model.parameters()).float().to(loss.device)])
     stats = all_reduce_sum(stats, dist) / dist.world  # gradients (hence their norm) already agree across ranks
     train_bpd, grad_norm = stats.tolist()
@@ -250,11 +287,11 @@ def train_step(state: RunState) -> tuple[float, float]:
     return lr, grad_norm
 
 
-def _loss_and_gradients(state: RunState, x: torch.Tensor) -> torch.Tensor:
+def _loss_and_gradients(state: RunState, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """Forward and backward of a step: eagerly, or (``cuda_graph``) replayed from a graph captured on the first
     batch (eager on a CPU)."""
     if not state.cfg.cuda_graph:
-        loss = training_loss(state.net, x, state.cfg.n_bins)
+        loss = training_loss(state.net, x, state.cfg.n_bins, y)
         loss.backward()
         return loss
     if state.graph_step is None:
@@ -291,14 +328,22 @@ def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:
 def evaluate_and_sample(state: RunState) -> None:
     """Held-out bits/dim (every rank), a sample grid (rank 0) and one "eval" line in the log."""
     cfg, dist, model = state.cfg, state.dist, state.model
-    state.test_bpd = evaluate(model, state.test_set, cfg.n_bins, cfg.eval_batch, cfg.seed, dist)
+    state.test_bpd = evaluate(model, state.test_set, cfg.n_bins, cfg.eval_batch, cfg.seed, dist,
+                              state.test_labels)
+    classes = {}
+    if state.test_labels is not None:
+        state.test_accuracy = classification_accuracy(model, state.test_set, state.test_labels, cfg.n_bins,
+                                                      cfg.eval_batch, dist.device)
+        classes = dict(test_accuracy=state.test_accuracy)
     in_sync = parameters_agree(model, dist)
     if dist.main:
+        y = None if state.y_sample is None else state.y_sample.to(dist.device)
         with torch.no_grad():
-            images = model.reverse([z.to(dist.device) for z in state.z_sample])
+            images = model.reverse([z.to(dist.device) for z in state.z_sample], y=y)
         state.sample = str(state.out / "samples" / f"step_{state.step:08d}.png")
-        save_image_grid(images, state.sample, cfg.n_bins, zoom=cfg.zoom)
-    state.log.write(event="eval", step=state.step, test_bpd=state.test_bpd, sample=state.sample,
+        nrow = None if y is None else y.shape[0] // cfg.n_classes  # a row per class
+        save_image_grid(images, state.sample, cfg.n_bins, nrow=nrow, zoom=cfg.zoom)
+    state.log.write(event="eval", step=state.step, test_bpd=state.test_bpd, **classes, sample=state.sample,
                     ranks_in_sync=in_sync)
 
 
@@ -355,5 +400,6 @@ def run(state: RunState) -> dict:
     state.log.write(event="done", step=state.step, test_bpd=state.test_bpd, elapsed_s=round(elapsed, 3),
                     skipped_total=state.skipped)
     return {"test_bpd": state.test_bpd, "sample": state.sample, "checkpoint": state.checkpoint or state.resumed_from,
+            "test_accuracy": state.test_accuracy,
             "skipped": state.skipped, "step": state.step, "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg),
             "rank": state.dist.rank, "world_size": state.dist.world}
