@@ -8,24 +8,34 @@ import torch
 from . import reference
 from .backends import select_backend
 from .checks import check_config, check_image, check_img_size, check_matches_model, check_z_list
-from .reversible import reversible_steps
+from .reversible import (ReconstructionMonitor, ReversibleOptions, check_reversible_options,
+                         reversible_steps)
 
 
 class Glow(reference.Glow):
     """Drop-in for rosinality/glow-pytorch's ``Glow``.
 
     Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
-    "triton") and ``reversible`` (constant-memory backprop).
+    "triton"), ``reversible`` (constant-memory backprop, :mod:`fastglow.reversible`) and its options:
+    ``reversible_tol`` (relative error of a level's rebuilt input above which that level's gradients are
+    recomputed exactly from its stored input; "auto": the square root of the dtype's machine epsilon, 3.5e-4
+    in float32; None: never checked, no host sync) and ``backward_chunk`` (recompute and backpropagate each
+    level N samples at a time: memory flat in the batch size).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
-                 reversible: bool = True):
+                 reversible: bool = True, reversible_tol: float | str | None = "auto",
+                 backward_chunk: int | None = None):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        check_reversible_options(reversible_tol, backward_chunk)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels)
         self.backend = backend
         self.reversible = reversible
+        self.reversible_tol = reversible_tol
+        self.backward_chunk = backward_chunk
+        self._reconstruction = ReconstructionMonitor(n_block)
         self.last_img_size: tuple[int, int] | None = None
 
     def actnorm_initialized(self) -> bool:
@@ -55,7 +65,22 @@ class Glow(reference.Glow):
     def _run_flows(self, block: reference.Block, x: torch.Tensor, backend):
         """A level's K flow steps on its squeezed input: -> (output, logdet [B]). ``reversible``: activations
         are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
-        return reversible_steps(block.flows, x, backend) if self.reversible else backend.forward(block.flows, x)
+        if not self.reversible:
+            return backend.forward(block.flows, x)
+        level = next(i for i, b in enumerate(self.blocks) if b is block)
+        options = ReversibleOptions(self.reversible_tol, self.backward_chunk, self._reconstruction, level)
+        return reversible_steps(block.flows, x, backend, options)
+
+    def reconstruction_error(self) -> torch.Tensor:
+        """Per level [n_block]: max over samples of ||x̂ - x|| / ||x|| between the level input rebuilt by the
+        latest reversible backward and the stored one (on the model's device, read without a host sync; NaN
+        for a level that has not run a reversible backward)."""
+        return self._reconstruction.errors()
+
+    @property
+    def reconstruction_fallbacks(self) -> int:
+        """How many level backwards were recomputed exactly because their error exceeded ``reversible_tol``."""
+        return self._reconstruction.fallbacks
 
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
