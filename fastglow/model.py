@@ -12,34 +12,43 @@ from .backends import select_backend
 from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
                      check_labels, check_matches_model, check_z_list)
 from .conditional import DEFAULT_CLASS_WEIGHT
-from .reversible import reversible_steps
+from .reversible import ReconstructionMonitor, ReversibleOptions, check_reversible_options, reversible_steps
 
 
 class Glow(reference.Glow):
     """Drop-in for rosinality/glow-pytorch's ``Glow``.
 
     Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
-    "triton"), ``reversible`` (constant-memory backprop), ``n_classes`` (class-conditional: y-conditioned top
-    prior and an auxiliary classifier, see :mod:`fastglow.conditional`) and ``class_weight`` (its loss weight).
-    Execution options (same maths, same state): ``autocast_dtype`` (torch.bfloat16 or torch.float16: the
-    coupling networks run under autocast, the flow maths - ActNorm, the 1x1 mix, the coupling combine, logdet,
-    LU, priors - in the parameters' dtype), ``channels_last`` (the coupling networks' weights and inputs in
-    channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check, the one host sync of
-    a training step).
+    "triton"), ``reversible`` (constant-memory backprop, :mod:`fastglow.reversible`) and its options:
+    ``reversible_tol`` (relative error of a level's rebuilt input above which that level's gradients are
+    recomputed exactly from its stored input; "auto": the square root of the dtype's machine epsilon, 3.5e-4
+    in float32; None: never checked, no host sync) and ``backward_chunk`` (recompute and backpropagate each
+    level N samples at a time: memory flat in the batch size); ``n_classes`` (class-conditional: y-conditioned
+    top prior and an auxiliary classifier, see :mod:`fastglow.conditional`) and ``class_weight`` (its loss
+    weight). Execution options (same maths, same state): ``autocast_dtype`` (torch.bfloat16 or torch.float16:
+    the coupling networks run under autocast, the flow maths - ActNorm, the 1x1 mix, the coupling combine,
+    logdet, LU, priors - in the parameters' dtype), ``channels_last`` (the coupling networks' weights and
+    inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check, the one
+    host sync of a training step).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
-                 reversible: bool = True, n_classes: int | None = None,
+                 reversible: bool = True, reversible_tol: float | str | None = "auto",
+                 backward_chunk: int | None = None, n_classes: int | None = None,
                  class_weight: float = DEFAULT_CLASS_WEIGHT, autocast_dtype: torch.dtype | None = None,
                  channels_last: bool = False, validate: bool = True):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        check_reversible_options(reversible_tol, backward_chunk)
         check_class_config(n_classes, class_weight)
         check_execution_options(autocast_dtype, channels_last, validate)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight)
         self.backend = backend
         self.reversible = reversible
+        self.reversible_tol = reversible_tol
+        self.backward_chunk = backward_chunk
+        self._reconstruction = ReconstructionMonitor(n_block)
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
         for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
             coupling.net_autocast, coupling.net_channels_last = autocast_dtype, channels_last
@@ -87,7 +96,22 @@ class Glow(reference.Glow):
     def _run_flows(self, block: reference.Block, x: torch.Tensor, backend):
         """A level's K flow steps on its squeezed input: -> (output, logdet [B]). ``reversible``: activations
         are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
-        return reversible_steps(block.flows, x, backend) if self.reversible else backend.forward(block.flows, x)
+        if not self.reversible:
+            return backend.forward(block.flows, x)
+        level = next(i for i, b in enumerate(self.blocks) if b is block)
+        options = ReversibleOptions(self.reversible_tol, self.backward_chunk, self._reconstruction, level)
+        return reversible_steps(block.flows, x, backend, options)
+
+    def reconstruction_error(self) -> torch.Tensor:
+        """Per level [n_block]: max over samples of ||x̂ - x|| / ||x|| between the level input rebuilt by the
+        latest reversible backward and the stored one (on the model's device, read without a host sync; NaN
+        for a level that has not run a reversible backward)."""
+        return self._reconstruction.errors()
+
+    @property
+    def reconstruction_fallbacks(self) -> int:
+        """How many level backwards were recomputed exactly because their error exceeded ``reversible_tol``."""
+        return self._reconstruction.fallbacks
 
     def reverse(self, z_list, reconstruct: bool = False, y: torch.Tensor | None = None) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise, which a

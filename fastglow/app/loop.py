@@ -314,15 +314,27 @@ def _skip_step(state: RunState, train_bpd: float, grad_norm: float) -> None:
 
 
 def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:
-    """Advance the progress bar; every ``log_every`` steps, one "train" line with the mean bits/dim since the last."""
+    """Advance the progress bar; every ``log_every`` steps, one "train" line with the mean bits/dim since the last
+    (and, with reversible backprop, each level's relative reconstruction error of the step and the fallbacks)."""
     bar.update(1)
+    rec = _reconstruction(state)
     if state.window:
         bar.set_postfix_str(f"bpd={state.window[-1]:.3f} lr={lr:.2e}"
+                            + (f" rec={max(rec['reconstruction_error'], key=float):.1e}" if rec else "")
                             + (f" test={state.test_bpd:.3f}" if state.test_bpd else ""), refresh=False)
     if state.step % state.cfg.log_every == 0 and state.window:
         state.log.write(event="train", step=state.step, train_bpd=float(np.mean(state.window)), lr=lr,
-                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped)
+                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped, **rec)
         state.window = []
+
+
+def _reconstruction(state: RunState) -> dict:
+    """The latest reversible backward's per-level reconstruction errors (non-finite ones as strings) and
+    fallback count; {} without reversible backprop."""
+    if not state.cfg.reversible:
+        return {}
+    errors = [e if np.isfinite(e) else str(e) for e in state.model.reconstruction_error().tolist()]
+    return dict(reconstruction_error=errors, reconstruction_fallbacks=state.model.reconstruction_fallbacks)
 
 
 def evaluate_and_sample(state: RunState) -> None:
