@@ -11,7 +11,8 @@ from fastglow.testing import HostSyncDetector, initialized_model
 def _model(seed=0, device="cpu", **kwargs):
     torch.manual_seed(seed)
     x = torch.rand(2, 3, 8, 8, device=device) - 0.5
-    model = fastglow.Glow(3, 2, 2, hidden_channels=8, validate=False, **kwargs).to(device)
+    kwargs = dict(dict(validate=False, reversible_tol=None), **kwargs)
+    model = fastglow.Glow(3, 2, 2, hidden_channels=8, **kwargs).to(device)
     return initialized_model(model, x), x
 
 
@@ -68,6 +69,10 @@ def test_bad_use_is_refused():
     model, x = _model()
     with pytest.raises(ValueError, match="ActNorm"):
         fastglow.CudaGraphStep(fastglow.Glow(3, 2, 2, hidden_channels=8), None, x)
+    for syncing in (dict(validate=True), dict(reversible_tol="auto")):  # the NaN check, the reconstruction check
+        other, _ = _model(**syncing)
+        with pytest.raises(ValueError, match="syncs with the host"):
+            fastglow.CudaGraphStep(other, None, x)
     step = fastglow.CudaGraphStep(model, None, x)
     with pytest.raises(ValueError, match="built for"):
         step(x[:1])

@@ -46,7 +46,8 @@ from .errors import CheckpointError, InputError, TrainingError
 def build_model(cfg: TrainConfig) -> Glow:
     return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
                 hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible,
-                n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight)
+                n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight,
+                **(dict(validate=False, reversible_tol=None) if cfg.cuda_graph else {}))  # no host syncs
 
 
 def training_loss(model, x: torch.Tensor, n_bins: int, y: torch.Tensor | None = None) -> torch.Tensor:
