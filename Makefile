@@ -34,8 +34,7 @@ test: $(BIN)/.installed
 OUT ?= gpu-run
 BUDGET ?= 530
 bench-gpu:
-	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_run --out $(OUT) --budget $(BUDGET) \
-		$(if $(ROSINALITY),--rosinality $(ROSINALITY),)
+	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_run --out $(OUT) --budget $(BUDGET)$(if $(ROSINALITY), --rosinality $(ROSINALITY))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

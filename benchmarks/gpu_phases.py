@@ -24,6 +24,9 @@ from benchmarks.gpu_measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, attempt
 from fastglow.testing import max_rel_error, models_on_one_state, rel_error
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 class Recorder:
     """A phase's results, rewritten atomically to its JSON file after every change."""
 
@@ -94,7 +97,8 @@ def phase_env(ctx: PhaseContext) -> None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5)
         return out.stdout.strip() or "unknown (no git)"
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
@@ -107,7 +111,7 @@ def phase_tests(ctx: PhaseContext) -> None:
     log = ctx.out / "logs" / "pytest.log"
     t0 = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)  # in the phase's process group
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)  # in the phase's group
         print(f"pytest pid {proc.pid}: {' '.join(cmd)}", flush=True)
         try:
             ctx.rec.set("exit_code", proc.wait(timeout=max(1.0, ctx.time_left() - ctx.scale.margin_s)))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastglow
+from benchmarks.gpu_measure import training_step
 from fastglow.testing import HostSyncDetector, initialized_model
 
 
@@ -17,12 +18,8 @@ def _model(seed=0, device="cpu", **kwargs):
 
 
 def _manual_step(model, optimizer, x):
-    optimizer.zero_grad(set_to_none=True)
-    log_p, logdet, _ = model(x)
-    loss = fastglow.bits_per_dim(log_p, logdet, x.shape, 256)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    """A plain training step: zero_grad, bits/dim, backward, optimizer.step() (as the benchmarks take it)."""
+    return training_step(model, model, x, optimizer)
 
 
 def test_step_matches_a_plain_training_step_and_syncs_nothing():
