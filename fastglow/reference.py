@@ -27,9 +27,7 @@ from .conditional import DEFAULT_CLASS_WEIGHT, ClassConditional
 LOG_2PI = math.log(2 * math.pi)
 
 
-# ----------------------------------------------------------------------------------------------
-# The maths, as small functions (the fast paths' eager backend calls these)
-# ----------------------------------------------------------------------------------------------
+# ---- The maths, as small functions (the fast paths' eager backend calls these) ------------------------------------
 def squeeze2d(x: torch.Tensor) -> torch.Tensor:
     """2x2 space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2), output channel c*4 + 2*dy + dx."""
     b, c, h, w = x.shape
@@ -107,9 +105,7 @@ def bits_per_dim(log_p, logdet, image_shape, n_bins: int | float, reduction: str
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Modules (they own the parameters, buffers and their initialisation)
-# ----------------------------------------------------------------------------------------------
+# ---- Modules (they own the parameters, buffers and their initialisation) ------------------------------------------
 class ActNorm(nn.Module):
     """Per-channel affine ``scale * (x + loc)``, initialised from the first batch to zero mean, unit std.
 

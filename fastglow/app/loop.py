@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import CudaGraphStep, Glow, bits_per_dim, z_shapes
+from .. import CudaGraphStep, Glow, z_shapes
 from . import checkpoint as ckpt_io
 from .config import TrainConfig, resolve_config
 from .classes import class_grid_labels, classification_accuracy, split_labels
@@ -38,56 +38,7 @@ from .data import ShuffledBatches, dequantize, load_dataset, load_labels, save_i
 from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, setup_distributed, shard,
                           teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces of a step
-# ----------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig) -> Glow:
-    return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
-                hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible,
-                n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight,
-                **(dict(validate=False, reversible_tol=None) if cfg.cuda_graph else {}))  # no host syncs
-
-
-def training_loss(model, x: torch.Tensor, n_bins: int, y: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean bits/dim of a batch (rosinality's calc_loss); with labels y, of log p(x | y), plus the class loss."""
-    log_p, logdet, z_outs = model(x) if y is None else model(x, y)
-    loss = bits_per_dim(log_p, logdet, x.shape, n_bins)
-    if y is None:
-        return loss
-    glow = getattr(model, "module", model)  # under DDP, the Glow inside the wrapper
-    return loss + glow.class_loss(z_outs, y)
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """lr * min(1, t / warmup) * min(1, (T - t + 1) / cooldown): linear warm-up, optional linear cool-down."""
-    up = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
-    down = min(1.0, (cfg.steps - step + 1) / cfg.cooldown) if cfg.cooldown > 0 else 1.0
-    return cfg.lr * up * max(down, 0.0)
-
-
-@torch.no_grad()
-def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, dist: Dist,
-             labels: torch.Tensor | None = None) -> float:
-    """Mean bits/dim over ``levels`` with fixed dequantisation noise (seeded), sharded over the ranks; with
-    ``labels`` (a class-conditional model), of log p(x | label)."""
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for start in range(0, levels.shape[0], batch):
-        x = dequantize(levels[start:start + batch], n_bins, gen)[dist.rank::dist.world].to(dist.device)
-        if x.shape[0]:
-            y = None if labels is None else labels[start:start + batch][dist.rank::dist.world].to(dist.device)
-            log_p, logdet, _ = model(x) if y is None else model(x, y)
-            bpd = bits_per_dim(log_p, logdet, x.shape, n_bins, reduction="none")
-            total += torch.stack([bpd.double().sum(), total.new_tensor(x.shape[0])])
-    total = all_reduce_sum(total, dist)
-    return (total[0] / total[1]).item()
-
-
-def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,7 +226,7 @@ def train_step(state: RunState) -> tuple[float, float]:
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
     loss = _loss_and_gradients(state, x, y)
-    stats = torch.stack([loss.detach().float(), _grad_norm(state.model.parameters()).float().to(loss.device)])
+    stats = torch.stack([loss.detach().float(), gradient_norm(state.model.parameters()).float().to(loss.device)])
     stats = all_reduce_sum(stats, dist) / dist.world  # gradients (hence their norm) already agree across ranks
     train_bpd, grad_norm = stats.tolist()
     if np.isfinite(train_bpd) and np.isfinite(grad_norm):
