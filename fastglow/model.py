@@ -28,8 +28,8 @@ class Glow(reference.Glow):
     weight). Execution options (same maths, same state): ``autocast_dtype`` (torch.bfloat16 or torch.float16:
     the coupling networks run under autocast, the flow maths - ActNorm, the 1x1 mix, the coupling combine,
     logdet, LU, priors - in the parameters' dtype), ``channels_last`` (the coupling networks' weights and
-    inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check, the one
-    host sync of a training step).
+    inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check; with
+    ``reversible_tol=None`` too, a training step makes no host sync).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
