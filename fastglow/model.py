@@ -131,6 +131,11 @@ class Glow(reference.Glow):
             x = backend.unsqueeze(backend.inverse(block.flows, x))
         return x
 
+    def class_loss(self, z_outs, y: torch.Tensor) -> torch.Tensor:
+        """class_weight * mean cross-entropy (bits) of the auxiliary classifier on forward's z_outs and labels y."""
+        check_labels(y, self.n_classes, z_outs[-1].shape[0], z_outs[-1].device)
+        return super().class_loss(z_outs, y)
+
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, img_size=None,
                generator: torch.Generator | None = None, y: int | torch.Tensor | None = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ import torch
 
 import fastglow
 from fastglow import reference
-from fastglow.testing import initialized_model, models_on_one_state, perturb_, rel_error
+from fastglow.testing import initialized_model, models_on_one_state, rel_error
 
 N_CLASSES = 3
 Y = torch.tensor([2, 0, 1])
@@ -182,10 +182,11 @@ def test_conditional_state_dict_loads_into_the_reference_and_from_data_parallel(
 def _bad(model, x, call):
     z = [torch.zeros(3, *s, dtype=x.dtype) for s in fastglow.z_shapes(2, 8, 2)]
     return {"forward": lambda y: model(x, y), "reverse": lambda y: model.reverse(z, y=y),
-            "sample": lambda y: model.sample(3, img_size=8, y=y)}[call]
+            "sample": lambda y: model.sample(3, img_size=8, y=y),
+            "class_loss": lambda y: model.class_loss(z, y)}[call]
 
 
-@pytest.mark.parametrize("call", ["forward", "reverse", "sample"])
+@pytest.mark.parametrize("call", ["forward", "reverse", "sample", "class_loss"])
 @pytest.mark.parametrize("y,error,match", [
     (None, ValueError, "required"), (Y.int(), TypeError, "int64"), (Y.double(), TypeError, "int64"),
     ([2, 0, 1], TypeError, "torch.Tensor"), (Y[:2], ValueError, r"shape \(3,\)"),
@@ -206,6 +207,8 @@ def test_labels_for_an_unconditional_model_and_bad_constructor_arguments():
             _bad(model, x, call)(Y)
     with pytest.raises(ValueError, match="no classifier"):
         model.classify(x)
+    with pytest.raises(ValueError, match="unconditional"):
+        model.class_loss(model(x)[2], Y)
     cond = fastglow.Glow(2, 1, 2, hidden_channels=4, n_classes=N_CLASSES)
     z = [torch.randn(3, *s) for s in fastglow.z_shapes(2, 8, 2)]
     assert cond.reverse(z, reconstruct=True).shape == (3, 2, 8, 8)  # reconstructing needs no labels
