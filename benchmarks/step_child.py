@@ -1,4 +1,5 @@
-"""One implementation's training step measured in a fresh process: step time and peak RSS above a baseline.
+"""Training steps measured in a fresh process: one implementation's peak RSS above a baseline, or several
+implementations' step times, interleaved step by step.
 
 Run by :func:`run_step_child` (``python benchmarks/step_child.py '<json config>'``), it builds the model, runs
 ActNorm's data-dependent init (one no-grad forward) and one warm-up step, then ``steps`` training steps
@@ -7,6 +8,10 @@ high-water mark reset by ``/proc/self/clear_refs``). With ``set_to_none`` (defau
 are freed before every step, as a training loop's ``zero_grad()`` does, so every figure includes allocating
 them (the same for every implementation); without it the steps accumulate into ``.grad`` in place and the
 figure is the activations' (and temporaries') alone.
+
+With a list of configs under ``"interleave"`` it builds every implementation instead and times ``rounds``
+rounds of one step each, the implementations' order rotating from round to round (wall clock and process CPU
+time): neighbouring steps of different implementations see the same load on a shared machine.
 
 Config keys: ``impl`` "fastglow" or "rosinality" (then ``rosinality_path``: rosinality/glow-pytorch's model.py,
 read at run time, never part of this repository); ``mode`` "plain", "reversible" or "checkpoint" (per-Flow
@@ -19,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -78,10 +82,11 @@ def build(cfg):
                          reversible=cfg["mode"] == "reversible", backward_chunk=cfg.get("backward_chunk"))
 
 
-def main(cfg) -> dict:
+def training_step(cfg):
+    """-> (model, step): the model built and ActNorm-initialised, and one training step of it (gradients set
+    to None first unless ``set_to_none`` is false), warmed up once."""
     import torch
     from fastglow import bits_per_dim
-    torch.set_num_threads(cfg.get("threads", 1))
     torch.manual_seed(0)
     model = build(cfg)
     x = torch.rand(cfg["batch"], cfg["in_channel"], cfg["img_size"], cfg["img_size"]) - 0.5
@@ -89,27 +94,53 @@ def main(cfg) -> dict:
         model(x)  # ActNorm's data-dependent init
     if cfg["mode"] == "checkpoint":
         checkpoint_each_flow(model)
-
     set_to_none = cfg.get("set_to_none", True)
 
     def step():
+        if set_to_none:
+            model.zero_grad(set_to_none=True)
         log_p, logdet, _ = model(x)
         bits_per_dim(log_p, logdet, x.shape, 256).backward()
 
     step()  # warm-up
-    times, peaks = [], []
+    return model, step
+
+
+def measure_memory(cfg) -> dict:
+    """Peak RSS above the RSS just before the step, for ``steps`` steps (the least counts)."""
+    model, step = training_step(cfg)
+    peaks = []
     for _ in range(cfg.get("steps", 3)):
-        if set_to_none:
-            model.zero_grad(set_to_none=True)
+        if cfg.get("set_to_none", True):
+            model.zero_grad(set_to_none=True)  # before the baseline, so it is taken without gradients
         reset = reset_peak()
         baseline = rss_mb()
-        start = time.perf_counter()
         step()
-        times.append(time.perf_counter() - start)
         peaks.append(peak_mb() - baseline)
     grad_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return dict(baseline_mb=baseline, step_mb=min(peaks), samples_mb=peaks, times_s=times,
-                median_s=statistics.median(times), grad_mb=grad_mb, hwm_reset=reset)
+    return dict(baseline_mb=baseline, step_mb=min(peaks), samples_mb=peaks, grad_mb=grad_mb, hwm_reset=reset)
+
+
+def measure_interleaved(cfgs: list[dict], rounds: int) -> dict:
+    """Per implementation (by its ``name``): wall-clock and CPU seconds of one step per round."""
+    steps = {cfg["name"]: training_step(cfg)[1] for cfg in cfgs}
+    names = list(steps)
+    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            steps[name]()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+    return dict(wall_s=wall, cpu_s=cpu)
+
+
+def main(cfg) -> dict:
+    import torch
+    torch.set_num_threads(cfg.get("threads", 1))
+    if "interleave" in cfg:
+        return measure_interleaved(cfg["interleave"], cfg["rounds"])
+    return measure_memory(cfg)
 
 
 def run_step_child(cfg: dict, precise_malloc: bool = True, timeout: float = 1800) -> dict:

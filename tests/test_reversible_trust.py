@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import fastglow
+from benchmarks.bench_memory import level_tensor_mb, measure_step_memory
 from fastglow import reference
 from fastglow.backends import EagerSteps, select_backend
 from fastglow.level_backward import level_backward, parameter_slots
@@ -105,6 +106,17 @@ def test_backward_chunks_give_the_unchunked_gradients(backend):
     for a, b in zip(got, _gradients(plain, x)):
         assert rel_error(a, b) <= 1e-9
     assert (chunked.reconstruction_error() < 1e-12).all()
+
+
+def test_peak_memory_with_backward_chunks_grows_with_the_batch_by_level_tensors_only():
+    """Peak RSS of a training step (fresh subprocesses): with chunks of 2, batch 32 needs no more than batch 8
+    unchunked plus a few level-sized tensors (one tensor per level: 0.66 MB here); unchunked it grows ~4x."""
+    config = dict(hidden_channels=64, n_block=3, img_size=32)
+    mb = {(batch, chunk): measure_step_memory(4, "reversible", backward_chunk=chunk, batch=batch, **config)["step_mb"]
+          for batch in (8, 32) for chunk in (None, 2)}
+    level = level_tensor_mb(32, in_channel=3, **config)
+    assert mb[32, 2] <= mb[8, None] + 3 * level, mb
+    assert mb[32, 2] - mb[8, 2] <= 6 * level < (mb[32, None] - mb[8, None]) / 2, mb
 
 
 def test_backends_per_step_primitives_agree():
