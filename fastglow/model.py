@@ -7,7 +7,8 @@ import torch
 
 from . import reference
 from .backends import select_backend
-from .checks import check_config, check_image, check_img_size, check_matches_model, check_z_list
+from .checks import (check_config, check_image, check_img_size, check_matches_model, check_sample_args,
+                     check_z_list)
 from .reversible import reversible_steps
 
 
@@ -22,6 +23,7 @@ class Glow(reference.Glow):
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
                  reversible: bool = True):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        in_channel, n_flow, n_block, hidden_channels = map(int, (in_channel, n_flow, n_block, hidden_channels))
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels)
         self.backend = backend
@@ -75,10 +77,8 @@ class Glow(reference.Glow):
 
         ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a non-negative number, got {temperature!r}")
+        check_sample_args(n, temperature)
+        n = int(n)
         img_size = img_size if img_size is not None else self.last_img_size
         if img_size is None:
             raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")
