@@ -109,13 +109,28 @@ def read_image(path, img_size: int, channels: int) -> np.ndarray:
             im.load()
             if min(im.size) < img_size:
                 raise InputError(f"{path}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
-            pixels = fit_image(im.convert("L" if channels == 1 else "RGB"), img_size)
+            pixels = fit_image(to_8_bit(im, path).convert("L" if channels == 1 else "RGB"), img_size)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001
         raise InputError(f"{path}: cannot read image ({one_line(err)})") from None
     pixels = np.asarray(pixels, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def to_8_bit(im, path):
+    """Pillow's 16-bit grey modes (and "I" holding 0..65535, as older Pillow loads 16-bit PNGs) scaled to 8-bit
+    "L", v8 = round(v16 * 255 / 65535) (Pillow's own conversion clips them at 255); float images refused."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise InputError(f"{path}: floating-point image (mode F) has no fixed range; save it as 8 or 16 bits")
+    if not im.mode.startswith("I"):
+        return im
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise InputError(f"{path}: 32-bit image with values outside 0..65535; save it as 8 or 16 bits")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def fit_image(im, img_size: int):
