@@ -1,13 +1,15 @@
 """The ``fastglow`` command: train, sample, eval, interpolate.
 
 Bad input (a missing/empty/unreadable data set, images smaller than --img-size, a corrupt checkpoint or one of
-another shape) ends with one line on stderr naming the file and the problem, and exit status 2; a run stopped
-by non-finite losses exits with 1; Ctrl-C with 130.
+another shape, or whose weights do not decode; a bad flag) ends with one line on stderr naming the file and the
+problem, and exit status 2; a run that diverged (non-finite losses, a model that no longer inverts) exits with 1
+after keeping its last sound weights; Ctrl-C with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -38,6 +40,44 @@ def _channels(text: str):
     return int(text)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other error of the command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+MAX_TEMPERATURE = 10.0  # latents are N(0, T^2): far above 1 they only saturate every pixel, or overflow
+
+
+def _temperature(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= MAX_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_TEMPERATURE:g}], got {text}")
+    return value
+
+
+def _n_bits(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 8:
+        raise argparse.ArgumentTypeError(f"must be in 1..8, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
@@ -52,7 +92,7 @@ def _add_data_flags(p):
     g.add_argument("--img-size", type=_positive_int, help="resize the shorter side to this and centre-crop "
                                                           "(folders: 64; .npz: native size)")
     g.add_argument("--channels", type=_channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
-    g.add_argument("--n-bits", type=int, help="quantise 8-bit images to this many bits (default 5, as rosinality)")
+    g.add_argument("--n-bits", type=_n_bits, help="quantise 8-bit images to this many bits (default 5, as rosinality)")
     g.add_argument("--npz-key", help="the .npz array to read (default 'images', or the archive's only array)")
     return g
 
@@ -61,7 +101,7 @@ def _add_image_output_flags(p) -> None:
     """Flags of the commands that write images: zoom, and what a bare state_dict cannot tell."""
     p.add_argument("--zoom", type=_positive_int, default=1, help="upscale each image by this factor")
     p.add_argument("--img-size", type=_positive_int, help="bare state_dicts: image size (default 64)")
-    p.add_argument("--n-bits", type=int, help="bare state_dicts: bits per channel (default 5)")
+    p.add_argument("--n-bits", type=_n_bits, help="bare state_dicts: bits per channel (default 5)")
 
 
 def _add_shape_flags(p, defaults=None) -> None:
@@ -110,10 +150,10 @@ def _add_train_command(sub) -> None:
     g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch", type=_positive_int, help=f"global batch size (default {C.batch})")
-    o.add_argument("--lr", type=float, help=f"Adam learning rate (default {C.lr})")
+    o.add_argument("--lr", type=_learning_rate, help=f"Adam learning rate (default {C.lr})")
     o.add_argument("--warmup", type=_non_negative_int, help=f"linear warm-up steps (default {C.warmup})")
     o.add_argument("--cooldown", type=_non_negative_int,
-                   help=f"decay the lr linearly to 0 over the last this many steps (default {C.cooldown}; "
+                   help="decay the lr linearly to 0 over the last this many steps (default: half of --steps; "
                         "0: constant, as rosinality)")
     o.add_argument("--steps", type=_positive_int, help=f"total training steps (default {C.steps})")
     o.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")
@@ -129,7 +169,8 @@ def _add_train_command(sub) -> None:
     r.add_argument("--keep", type=_positive_int, help=f"checkpoints kept (default {C.keep})")
     r.add_argument("--log-every", type=_positive_int, help=f"steps per metrics.jsonl line (default {C.log_every})")
     r.add_argument("--eval-batch", type=_positive_int, help=f"evaluation batch (default {C.eval_batch})")
-    r.add_argument("--temperature", type=float, help=f"sampling temperature of the grids (default {C.temperature})")
+    r.add_argument("--temperature", type=_temperature,
+                   help=f"sampling temperature of the grids (default {C.temperature})")
     r.add_argument("--n-sample", type=_positive_int, help=f"images per sample grid (default {C.n_sample})")
     r.add_argument("--zoom", type=_positive_int, help="upscale grid images by this factor (default 1)")
     r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
@@ -137,7 +178,7 @@ def _add_train_command(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
+    parser = _OneLineParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_command(sub)
@@ -145,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw a grid of samples from a checkpoint")
     s.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
     s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    s.add_argument("--temperature", type=float, default=0.7, help="latent temperature (default 0.7)")
+    s.add_argument("--temperature", type=_temperature, default=0.7, help="latent temperature (default 0.7)")
     s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--nrow", type=_positive_int, help="images per row (default: a square grid)")
