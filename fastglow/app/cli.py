@@ -161,7 +161,11 @@ def _add_train_command(sub) -> None:
                    help=f"stop after this many consecutive non-finite losses (default {C.max_bad_steps})")
     r = t.add_argument_group("run")
     r.add_argument("--out", help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
-    r.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    start = r.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    start.add_argument("--new-run", action="store_true",
+                       help="start a new run in an --out that holds an earlier run with no readable checkpoint; "
+                            "its files move (never deleted) to --out/earlier-run-<UTC time>/")
     r.add_argument("--eval-every", type=_non_negative_int, help=f"steps between held-out evaluations and sample "
                                                                  f"grids (default {C.eval_every}; 0: at the end)")
     r.add_argument("--ckpt-every", type=_non_negative_int, help=f"steps between checkpoints (default "
@@ -227,7 +231,7 @@ def _train(args: argparse.Namespace) -> int:
 
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "n_bins"}
     options = {k: v for k, v in vars(args).items() if k in fields}
-    options["resume"] = args.resume
+    options["resume"], options["new_run"] = args.resume, args.new_run
     summary = train(options)
     if summary["rank"] == 0:
         print(f"step {summary['step']}: test bits/dim {summary['test_bpd']:.4f} "
@@ -244,9 +248,20 @@ def _model_flags(args) -> dict:
 
 def _load(args, default_img_size: int = 64):
     from .checkpoint import load_model
-    from .distributed import pick_device
-    return load_model(args.ckpt, _model_flags(args), pick_device(args.device), args.backend or "auto",
-                      default_img_size)
+    from .distributed import pick_backend, pick_device
+    device = pick_device(args.device)
+    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device), default_img_size)
+
+
+def _decode(model, z_list, args, reconstruct: bool = False):
+    """Latents -> images, or an InputError naming the checkpoint when its weights do not decode."""
+    from .guard import decode
+
+    images, why = decode(model, z_list, reconstruct=reconstruct)
+    if why:
+        raise InputError(f"{args.ckpt}: {why}: the checkpoint's weights are unusable (diverged?); "
+                         "use an earlier checkpoint")
+    return images
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -257,8 +272,7 @@ def _sample(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     z = [args.temperature * torch.randn(args.n, *s, generator=gen).to(device)
          for s in _z_shapes(info)]
-    with torch.no_grad():
-        images = model.reverse(z)
+    images = _decode(model, z, args)
     save_image_grid(images, args.out, info["n_bins"], nrow=args.nrow, zoom=args.zoom)
     print(f"{args.n} samples at temperature {args.temperature} -> {args.out}")
     return 0
@@ -297,6 +311,9 @@ def _eval(args: argparse.Namespace) -> int:
         levels = test_set if split == "test" else train_set
     device = next(model.parameters()).device
     bpd = evaluate(model, levels, n_bins, args.batch, args.seed, Dist(0, 1, device))
+    if not math.isfinite(bpd):
+        raise InputError(f"{args.ckpt}: the bits/dim is {bpd}: the checkpoint's weights are unusable (diverged?); "
+                         "use an earlier checkpoint")
     print(f"{split} bits/dim {bpd:.4f} on {levels.shape[0]} images of {data}")
     return 0
 
@@ -321,7 +338,7 @@ def _interpolate(args: argparse.Namespace) -> int:
         _, _, z_outs = model(x)
         t = torch.linspace(0, 1, args.steps, device=device).view(-1, 1, 1, 1)
         path = [(1 - t) * z[0:1] + t * z[1:2] for z in z_outs]  # z_t = (1 - t) z_A + t z_B, every level
-        images = model.reverse(path, reconstruct=True)
+    images = _decode(model, path, args, reconstruct=True)
     save_png(image_grid(to_pixels(images, info["n_bins"]), nrow=args.steps, zoom=args.zoom), args.out)
     print(f"{args.steps} images from {args.images[0]} to {args.images[1]} -> {args.out}")
     return 0
