@@ -181,13 +181,6 @@ def load_training_checkpoint(path) -> dict:
     return ckpt
 
 
-def newest_valid_checkpoint(out) -> tuple[Path, dict] | None:
-    """The newest checkpoint under ``out`` that loads; unreadable newer ones are skipped with a warning."""
-    found, skipped = scan_checkpoints(out)
-    warn_skipped(skipped)
-    return found
-
-
 def warn_skipped(skipped: list[tuple[Path, CheckpointError]]) -> None:
     for _, err in skipped:
         print(f"fastglow: warning: skipping {err}", file=sys.stderr)
