@@ -40,7 +40,7 @@ SAMPLES_PER_CLASS = 100
 
 def load_run(out) -> tuple[torch.nn.Module, TrainConfig, dict]:
     """The newest checkpoint of a finished run folder -> (model in eval mode, its config, the checkpoint)."""
-    found = ckpt_io.newest_valid_checkpoint(out)
+    found, _ = ckpt_io.scan_checkpoints(out)
     if found is None:
         raise SystemExit(f"{out}: no checkpoint; run `make demo` first")
     ckpt = found[1]

@@ -10,7 +10,7 @@ import torch
 from . import reference
 from .backends import select_backend
 from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
-                     check_labels, check_matches_model, check_z_list)
+                     check_labels, check_matches_model, check_sample_args, check_z_list)
 from .conditional import DEFAULT_CLASS_WEIGHT
 from .reversible import ReconstructionMonitor, ReversibleOptions, check_reversible_options, reversible_steps
 
@@ -42,6 +42,9 @@ class Glow(reference.Glow):
         check_reversible_options(reversible_tol, backward_chunk)
         check_class_config(n_classes, class_weight)
         check_execution_options(autocast_dtype, channels_last, validate)
+        in_channel, n_flow, n_block, hidden_channels = map(int, (in_channel, n_flow, n_block, hidden_channels))
+        n_classes = None if n_classes is None else int(n_classes)
+        backward_chunk = None if backward_chunk is None else int(backward_chunk)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight)
         self.backend = backend
@@ -144,10 +147,8 @@ class Glow(reference.Glow):
         ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``. A
         class-conditional model takes the classes ``y``: one int for all n, or int64 labels of shape [n].
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a non-negative number, got {temperature!r}")
+        check_sample_args(n, temperature)
+        n = int(n)
         img_size = img_size if img_size is not None else self.last_img_size
         if img_size is None:
             raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -59,12 +60,12 @@ def check_reversible_options(tol, chunk) -> None:
     """``reversible_tol``: "auto", a non-negative finite number or None; ``backward_chunk``: a positive int or
     None."""
     if tol is not None and not (isinstance(tol, str) and tol == "auto"):
-        if isinstance(tol, bool) or not isinstance(tol, (int, float)):
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real):
             raise TypeError(f"reversible_tol must be 'auto', a number or None, got {tol!r}")
         if not (math.isfinite(tol) and tol >= 0):
             raise ValueError(f"reversible_tol must be a finite number >= 0, got {tol!r}")
     if chunk is not None:
-        if isinstance(chunk, bool) or not isinstance(chunk, int):
+        if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral):
             raise TypeError(f"backward_chunk must be an int or None, got {type(chunk).__name__}")
         if chunk < 1:
             raise ValueError(f"backward_chunk must be >= 1, got {chunk}")

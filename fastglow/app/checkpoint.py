@@ -13,16 +13,23 @@ A training checkpoint is a dict readable with ``torch.load(f, weights_only=True)
 Written to ``<out>/checkpoints/step_<step>.pt`` as temp file in the same folder -> flush -> fsync -> rename
 (``os.replace`` is atomic), then the folder is fsynced: a crash leaves the old file or the new one, never half
 of one. Anything else in the folder (a ``.tmp`` left by a killed writer) is ignored and cleaned up.
+
+Each checkpoint carries its run's ``run_id``; the rotation (keep the newest N) counts and deletes only readable
+checkpoints of the run being written. A file of another run, or one that does not load, is never counted and
+never deleted; one that sits where a new checkpoint must go is renamed aside (``<name>.set-aside-<k>``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pickle
 import random
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -91,12 +98,54 @@ def remove_temp_files(out) -> None:
 
 
 def save_checkpoint(out, step: int, payload: dict, keep: int) -> Path:
-    """Write ``<out>/checkpoints/step_<step>.pt`` atomically, then delete all but the newest ``keep``."""
+    """Write ``<out>/checkpoints/step_<step>.pt`` atomically, then delete all but the newest ``keep`` readable
+    checkpoints of the same run (``payload["run_id"]``); other files are never deleted."""
     path = checkpoint_dir(out) / f"step_{step:08d}.pt"
+    run_id = payload.get("run_id")
+    if path.exists() and run_of(path) != run_id:
+        _set_aside(path)
     atomic_save({"format": FORMAT, "version": VERSION, "step": step, **payload}, path)
-    for _, old in list_checkpoints(out)[keep:]:
+    ours = [p for _, p in list_checkpoints(out) if p == path or run_of(p) == run_id]
+    for old in ours[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+_UNREADABLE = object()
+
+
+def run_of(path: Path):
+    """The ``run_id`` of the training checkpoint at ``path`` (None if it has none), or a marker no run id equals
+    if it does not load; read once per file version (memory-mapped: only the pickle is parsed)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return _UNREADABLE
+    return _run_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_of(path: str, _size: int, _mtime_ns: int):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure: not a readable checkpoint
+        return _UNREADABLE
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        return _UNREADABLE
+    return ckpt.get("run_id")
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<name>.set-aside-<k>`` (never overwrite or delete a file)."""
+    k = 1
+    while (target := path.with_name(f"{path.name}.set-aside-{k}")).exists():
+        k += 1
+    os.replace(path, target)
+    print(f"fastglow: warning: {path} is not a checkpoint of this run; renamed it to {target.name}",
+          file=sys.stderr)
+    return target
 
 
 def load_file(path) -> dict:
@@ -105,13 +154,23 @@ def load_file(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, wrong format: all "corrupt"
-        raise CheckpointError(f"{path}: not a readable checkpoint, the file is corrupt or truncated "
-                              f"({one_line(err)})") from None
+        raise CheckpointError(f"{path}: {_unreadable_reason(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state_dict or a fastglow checkpoint")
     return obj
+
+
+def _unreadable_reason(err: Exception) -> str:
+    """Our own words for a failed torch.load (torch's own message may advise weights_only=False, which is
+    unsafe for a file of unknown origin: unpickling arbitrary objects can run code)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return ("not a fastglow/rosinality checkpoint: it is corrupt, or it holds pickled Python objects "
+                "beyond tensors, which fastglow does not load")
+    return "not a fastglow/rosinality checkpoint: the file is corrupt, truncated or not a PyTorch file"
 
 
 def load_training_checkpoint(path) -> dict:
@@ -122,14 +181,21 @@ def load_training_checkpoint(path) -> dict:
     return ckpt
 
 
-def newest_valid_checkpoint(out) -> tuple[Path, dict] | None:
-    """The newest checkpoint under ``out`` that loads; unreadable newer ones are skipped with a warning."""
+def warn_skipped(skipped: list[tuple[Path, CheckpointError]]) -> None:
+    for _, err in skipped:
+        print(f"fastglow: warning: skipping {err}", file=sys.stderr)
+
+
+def scan_checkpoints(out) -> tuple[tuple[Path, dict] | None, list[tuple[Path, CheckpointError]]]:
+    """(the newest checkpoint under ``out`` that loads as (path, checkpoint), or None; (path, error) of each
+    newer one that does not), printing nothing."""
+    skipped = []
     for _, path in list_checkpoints(out):
         try:
-            return path, load_training_checkpoint(path)
+            return (path, load_training_checkpoint(path)), skipped
         except CheckpointError as err:
-            print(f"fastglow: warning: skipping {err}", file=sys.stderr)
-    return None
+            skipped.append((path, err))
+    return None, skipped
 
 
 class MetricsLog:
@@ -147,15 +213,21 @@ class MetricsLog:
         if not (self.enabled and self.path.is_file()):
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
-                pass  # a line cut short by a kill
+                continue  # a line cut short by a kill, or bytes that are not a record
+            if isinstance(record, dict) and _step_of(record) <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+def _step_of(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("inf")
 
 
 # ----------------------------------------------------------------------------------------------

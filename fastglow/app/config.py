@@ -31,7 +31,7 @@ class TrainConfig:
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 100
-    cooldown: int = 1000
+    cooldown: int | None = None  # None: the last half of the run (steps // 2)
     steps: int = 2000
     seed: int = 0
     device: str = "auto"

@@ -117,13 +117,28 @@ def read_image(path, img_size: int, channels: int) -> np.ndarray:
             im.load()
             if min(im.size) < img_size:
                 raise InputError(f"{path}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
-            pixels = fit_image(im.convert("L" if channels == 1 else "RGB"), img_size)
+            pixels = fit_image(to_8_bit(im, path).convert("L" if channels == 1 else "RGB"), img_size)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001
         raise InputError(f"{path}: cannot read image ({one_line(err)})") from None
     pixels = np.asarray(pixels, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def to_8_bit(im, path):
+    """Pillow's 16-bit grey modes (and "I" holding 0..65535, as older Pillow loads 16-bit PNGs) scaled to 8-bit
+    "L", v8 = round(v16 * 255 / 65535) (Pillow's own conversion clips them at 255); float images refused."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise InputError(f"{path}: floating-point image (mode F) has no fixed range; save it as 8 or 16 bits")
+    if not im.mode.startswith("I"):
+        return im
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise InputError(f"{path}: 32-bit image with values outside 0..65535; save it as 8 or 16 bits")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def fit_image(im, img_size: int):
@@ -333,3 +348,27 @@ def save_png(chw: np.ndarray, path) -> None:
 def save_image_grid(x: torch.Tensor, path, n_bins: int, nrow: int | None = None, zoom: int = 1) -> None:
     """Images in model space (N, C, H, W) -> a PNG grid (quantised back to the data's levels)."""
     save_png(image_grid(to_pixels(x, n_bins), nrow=nrow, zoom=zoom), path)
+
+
+def load_split(cfg, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's data (``cfg``: its TrainConfig): load and split the data set, filling in cfg's data-derived
+    fields (channels, img_size, n_bins, n_bits, test_fraction) -> (train, test) uint8 levels."""
+    levels, n_bins = load_dataset(cfg.data, cfg.img_size, cfg.channels, cfg.n_bits, cfg.npz_key)
+    cfg.channels, cfg.img_size, cfg.n_bins = levels.shape[1], levels.shape[2], n_bins
+    if cfg.data != "digits":
+        cfg.n_bits = n_bins.bit_length() - 1
+    if levels.shape[2] != levels.shape[3]:
+        raise InputError(f"{cfg.data}: images are {levels.shape[3]}x{levels.shape[2]}; pass --img-size to "
+                         "centre-crop them square")
+    if cfg.img_size % 2 ** cfg.n_block:
+        raise InputError(f"{cfg.data}: image size {cfg.img_size} is not a multiple of 2**n_block = "
+                         f"{2 ** cfg.n_block}: use a smaller --n-block or another --img-size")
+    if cfg.test_fraction is None:
+        cfg.test_fraction = 0.2 if cfg.data == "digits" else 0.1
+    train_set, test_set = split_dataset(levels, cfg.test_fraction, torch.Generator().manual_seed(cfg.split_seed))
+    if test_set.shape[0] == 0 or train_set.shape[0] == 0:
+        raise InputError(f"{cfg.data}: {levels.shape[0]} images split by --test-fraction {cfg.test_fraction} "
+                         "leave an empty training or held-out set")
+    if cfg.batch % world:
+        raise InputError(f"--batch {cfg.batch} (the global batch) must be divisible by the {world} processes")
+    return train_set, test_set

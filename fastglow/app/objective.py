@@ -29,9 +29,11 @@ def training_loss(model, x: torch.Tensor, n_bins: int, y: torch.Tensor | None = 
 
 
 def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """lr * min(1, t / warmup) * min(1, (T - t + 1) / cooldown): linear warm-up, optional linear cool-down."""
+    """lr * min(1, t / warmup) * min(1, (T - t + 1) / cooldown): linear warm-up, optional linear cool-down
+    (cooldown None: T // 2, the last half of the run)."""
+    cooldown = cfg.steps // 2 if cfg.cooldown is None else cfg.cooldown
     up = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
-    down = min(1.0, (cfg.steps - step + 1) / cfg.cooldown) if cfg.cooldown > 0 else 1.0
+    down = min(1.0, (cfg.steps - step + 1) / cooldown) if cooldown > 0 else 1.0
     return cfg.lr * up * max(down, 0.0)
 
 
