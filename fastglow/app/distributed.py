@@ -79,11 +79,16 @@ def setup_distributed(device: str) -> Dist:
     return Dist(torch_dist.get_rank(), torch_dist.get_world_size(), dev)
 
 
-def teardown(dist: Dist) -> None:
-    """End the process group that :func:`setup_distributed` started, if any."""
+def teardown(dist: Dist, finished: bool) -> None:
+    """End the process group that :func:`setup_distributed` started, if any. ``finished``: every rank got here
+    by finishing the run, so they meet at a barrier first (gloo's worker threads otherwise can still be serving
+    a peer when the group is destroyed, and the process aborts on exit); after an error on one rank the others
+    may never arrive, so the group is destroyed without waiting."""
     if dist.world > 1:
         import torch.distributed as torch_dist
         if torch_dist.is_initialized():
+            if finished:
+                torch_dist.barrier()
             torch_dist.destroy_process_group()
 
 

@@ -364,11 +364,14 @@ def train(options: dict) -> dict:
     new_run = bool(options.pop("new_run", False))
     dist = setup_distributed(options.get("device"))
     lock = runfolder.RunLock(Path(options.get("out") or TrainConfig.out))
+    finished = False
     try:
-        return run(start_or_resume(options, resume, dist, new_run, lock))
+        summary = run(start_or_resume(options, resume, dist, new_run, lock))
+        finished = True
+        return summary
     finally:
         lock.release()
-        teardown(dist)
+        teardown(dist, finished)
 
 
 def run(state: RunState) -> dict:
