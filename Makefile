@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,14 @@ demo: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
+
+# Every GPU target in one command (benchmarks/gpu_run.py): installs nothing, runs with the Python that has torch;
+# results under $(OUT). Without CUDA: the CPU smoke run at tiny shapes. ROSINALITY=DIR adds rosinality's model.py.
+OUT ?= gpu-run
+BUDGET ?= 530
+bench-gpu:
+	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_run --out $(OUT) --budget $(BUDGET) \
+		$(if $(ROSINALITY),--rosinality $(ROSINALITY),)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

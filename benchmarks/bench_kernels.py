@@ -6,7 +6,8 @@ import torch
 from torch.nn import functional as F
 
 from benchmarks.conftest import DEVICE, KERNEL_SHAPES, synchronized
-from fastglow import ops, reference
+from fastglow import reference
+from fastglow.backends import select_backend
 
 
 def _operands(shape, affine=True):
@@ -15,18 +16,19 @@ def _operands(shape, affine=True):
     randn = lambda *s: torch.randn(*s, generator=gen).to(DEVICE)  # noqa: E731
     q, _ = torch.linalg.qr(torch.randn(c, c, generator=gen, dtype=torch.float64))
     return dict(y=randn(b, c, h, w), h_raw=randn(b, c if affine else c // 2, h, w),
-                zscale=0.1 * randn(c if affine else c // 2), A=q.float().to(DEVICE), c=randn(c))
+                zscale=0.1 * randn(c if affine else c // 2), mix_weight=q.float().to(DEVICE),
+                mix_bias=randn(c))
 
 
-def _eager_coupling_mix(y, h_raw, zscale, A, c, affine=True):
+def _eager_coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine=True):
     y_a, y_b = y.chunk(2, 1)
     y_b, logdet = reference.coupling_combine(y_b, h_raw * torch.exp(3 * zscale.view(1, -1, 1, 1)), affine)
-    return F.conv2d(torch.cat([y_a, y_b], 1), A[:, :, None, None], c), logdet
+    return F.conv2d(torch.cat([y_a, y_b], 1), mix_weight[:, :, None, None], mix_bias), logdet
 
 
-def _fused_coupling_mix(y, h_raw, zscale, A, c, affine=True):
-    fs, _, _ = ops._kernels()
-    mixed, _, logdet = fs.coupling_mix_forward(y, h_raw, zscale, A, c, affine=affine)
+def _fused_coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine=True):
+    from fastglow.kernels.flow_step import coupling_mix_forward  # after conftest decided TRITON_INTERPRET
+    mixed, _, logdet = coupling_mix_forward(y, h_raw, zscale, mix_weight, mix_bias, affine=affine)
     return mixed, logdet
 
 
@@ -62,7 +64,7 @@ def test_coupling_mix_forward(benchmark, shape, impl):
 def test_squeeze(benchmark, shape, impl):
     b, c, h, w = shape
     x = torch.randn(b, c, 2 * h, 2 * w, device=DEVICE)
-    fn = (lambda v: ops.squeeze(v, "triton")) if impl == "fused" else reference.squeeze2d
+    fn = select_backend("triton", x).squeeze if impl == "fused" else reference.squeeze2d
     benchmark.group = f"kernels {shape}"
     out = benchmark(synchronized(fn), x)
     assert torch.equal(out, reference.squeeze2d(x))
@@ -81,4 +83,5 @@ def test_lu_weight_level(benchmark, impl):
         return [torch.linalg.inv(w) for w in ws], [f.invconv.log_abs_det() for f in flows]
 
     benchmark.group = "lu_weight"
-    benchmark(synchronized(lambda: ops.level_step_weights(flows) if impl == "fused" else eager()))
+    from fastglow.ops import fold_level  # after conftest decided TRITON_INTERPRET
+    benchmark(synchronized(lambda: fold_level(flows) if impl == "fused" else eager()))

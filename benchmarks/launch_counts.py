@@ -63,23 +63,25 @@ def count_launches():
 def level_launches(backend: str, n_flow: int = 4, affine: bool = True, device: str = "cpu"):
     """Launches per flow step of one level's forward and backward (plain autograd), for ``backend``."""
     import fastglow
-    from fastglow import ops
+    from fastglow.backends import select_backend
+    from fastglow.ops import coupling_net_raw
     from fastglow.testing import initialized_model
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8, device=device) - 0.5
     model = initialized_model(fastglow.Glow(3, n_flow, 1, affine=affine, hidden_channels=16, backend=backend,
                                             reversible=False).to(device), x, sigma=0.1)
     flows = model.blocks[0].flows
-    xs = ops.squeeze(x, backend).requires_grad_()
+    steps = select_backend(backend, x)
+    xs = steps.squeeze(x).requires_grad_()
     with count_launches() as fwd:
-        y, logdet = ops.level_forward(flows, xs, backend)
+        y, logdet = steps.forward(flows, xs)
     loss = y.square().sum() + logdet.sum()
     with count_launches() as bwd:
         loss.backward()
     counts = {k: {"forward": fwd[k] / n_flow, "backward": bwd[k] / n_flow} for k in ("triton", "aten")}
     y_a = xs.detach()[:, : xs.shape[1] // 2].requires_grad_()  # the coupling network alone, for reference
     with count_launches() as nn_fwd:
-        h_raw, _ = ops.coupling_net_raw(flows[0].coupling, y_a)
+        h_raw, _ = coupling_net_raw(flows[0].coupling, y_a)
     with count_launches() as nn_bwd:
         h_raw.sum().backward()
     counts["coupling_network_aten"] = {"forward": nn_fwd["aten"], "backward": nn_bwd["aten"]}

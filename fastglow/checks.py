@@ -8,6 +8,7 @@ import torch
 from .reference import z_shapes
 
 BACKENDS = ("auto", "eager", "triton")
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 
 
 def _positive_int(name: str, value) -> None:
@@ -29,21 +30,32 @@ def check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def _check_values(name: str, t) -> None:
+def check_execution_options(autocast_dtype, channels_last, validate) -> None:
+    """Validate the Glow constructor's execution options (how it runs, not what it computes)."""
+    if autocast_dtype not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES}, got {autocast_dtype!r}")
+    for name, value in (("channels_last", channels_last), ("validate", validate)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def _check_values(name: str, t, finite: bool = True) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
     capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and t.device.type != "meta" and not bool(torch.isfinite(t).all()):  # meta: no values
+    meta = t.device.type == "meta"  # shapes only, no values to check
+    if finite and not capturing and not meta and not bool(torch.isfinite(t).all()):  # a host sync
         raise ValueError(f"{name} contains NaN or Inf values")
 
 
-def check_image(x, in_channel: int, n_block: int) -> None:
-    """x must be a finite floating (B, in_channel, H, W) tensor with H and W divisible by 2**n_block."""
+def check_image(x, in_channel: int, n_block: int, finite: bool = True) -> None:
+    """x must be a floating (B, in_channel, H, W) tensor with H and W divisible by 2**n_block, and finite
+    (``finite=False`` skips that check, the only one that reads values: a host sync on CUDA)."""
     if isinstance(x, torch.Tensor) and x.dim() != 4:
         raise ValueError(f"input must have 4 dimensions (B, C, H, W), got shape {tuple(x.shape)}")
-    _check_values("input", x)
+    _check_values("input", x, finite)
     b, c, h, w = x.shape
     if b < 1:
         raise ValueError("input has an empty batch")

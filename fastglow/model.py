@@ -1,12 +1,16 @@
 """fastglow.Glow: the reference module tree (same parameters, buffers and state_dict keys), executed
-through :mod:`fastglow.ops` so each level can run fused kernels and reversible backprop."""
+through a backend object (:mod:`fastglow.backends`) so each level can run fused kernels and reversible backprop."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
-from . import ops, reference
-from .checks import check_config, check_image, check_img_size, check_matches_model, check_z_list
+from . import reference
+from .backends import select_backend
+from .checks import (check_config, check_execution_options, check_image, check_img_size, check_matches_model,
+                     check_z_list)
 from .reversible import reversible_steps
 
 
@@ -14,71 +18,83 @@ class Glow(reference.Glow):
     """Drop-in for rosinality/glow-pytorch's ``Glow``.
 
     Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
-    "triton") and ``reversible`` (constant-memory backprop).
+    "triton") and ``reversible`` (constant-memory backprop). Execution options (same maths, same state):
+    ``autocast_dtype`` (torch.bfloat16 or torch.float16: the coupling networks run under autocast, the flow
+    maths - ActNorm, the 1x1 mix, the coupling combine, logdet, LU, priors - in the parameters' dtype),
+    ``channels_last`` (the coupling networks' weights and inputs in channels_last memory format) and
+    ``validate`` (False: skip the input's NaN/Inf check, the one host sync of a training step).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
-                 reversible: bool = True):
+                 reversible: bool = True, autocast_dtype: torch.dtype | None = None,
+                 channels_last: bool = False, validate: bool = True):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        check_execution_options(autocast_dtype, channels_last, validate)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels)
         self.backend = backend
         self.reversible = reversible
+        self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
+        for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
+            coupling.net_autocast, coupling.net_channels_last = autocast_dtype, channels_last
+            if channels_last:
+                coupling.net.to(memory_format=torch.channels_last)
         self.last_img_size: tuple[int, int] | None = None
 
     def actnorm_initialized(self) -> bool:
         return all(flow.actnorm.is_initialized for block in self.blocks for flow in block.flows)
 
+    def flow_precision(self, device_type: str):
+        """With ``autocast_dtype`` set, the flow maths run with autocast off (the coupling networks turn it on
+        for themselves); else the caller's autocast state stands."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, enabled=False)
+
     def forward(self, x: torch.Tensor):
         """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs)."""
-        check_image(x, self.in_channel, self.n_block)
+        check_image(x, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("input", x, self.blocks[0].prior.scale)
         self.last_img_size = (x.shape[2], x.shape[3])
+        with self.flow_precision(x.device.type):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
             return super().forward(x)
-        backend = ops.resolve_backend(self.backend, x)
+        backend = select_backend(self.backend, x)
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
         out = x
         for block in self.blocks:
-            out, det = self._run_flows(block, ops.squeeze(out, backend), backend)
+            out, det = self._run_flows(block, backend.squeeze(out), backend)
             logdet = logdet + det
             out, log_p, z = block.split_off(out)
             log_p_sum = log_p_sum + log_p
             z_outs.append(z)
         return log_p_sum, logdet, z_outs
 
-    def _run_flows(self, block: reference.Block, x: torch.Tensor, backend: str):
-        """A level's K flow steps on its squeezed input: -> (output, logdet [B]).
-
-        ``reversible``: activations are rebuilt by inversion in backward (memory flat in K), else plain
-        autograd. The Triton backend fuses the forward across steps and the level's backward from its output.
-        """
-        def level_forward(flows, v):
-            return ops.level_forward(flows, v, backend)
-
-        if not self.reversible:
-            return level_forward(block.flows, x)
-        return reversible_steps(
-            block.flows, x, lambda flow, v: ops.flow_forward(flow, v, backend),
-            lambda flow, v: ops.flow_reverse(flow, v, backend), level_forward=level_forward,
-            level_backward=ops.level_backward_from_output if backend == "triton" else None)
+    def _run_flows(self, block: reference.Block, x: torch.Tensor, backend):
+        """A level's K flow steps on its squeezed input: -> (output, logdet [B]). ``reversible``: activations
+        are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
+        return reversible_steps(block.flows, x, backend) if self.reversible else backend.forward(block.flows, x)
 
     def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
         check_z_list(z_list, self.in_channel, self.n_block)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
-        backend = ops.resolve_backend(self.backend, z_list[-1])
+        with self.flow_precision(z_list[-1].device.type):
+            return self._reverse(z_list, reconstruct)
+
+    def _reverse(self, z_list, reconstruct: bool) -> torch.Tensor:
+        backend = select_backend(self.backend, z_list[-1])
         x = z_list[-1]
         for block, z in zip(self.blocks[::-1], z_list[::-1]):
             x = block.merge(x, z, reconstruct=reconstruct)
-            weights = ops.level_step_weights(block.flows) if backend == "triton" else [None] * len(block.flows)
-            for flow, step_weights in zip(block.flows[::-1], weights[::-1]):
-                x = ops.flow_reverse(flow, x, backend, step_weights)
-            x = ops.unsqueeze(x, backend)
+            x = backend.unsqueeze(backend.inverse(block.flows, x))
         return x
 
     @torch.no_grad()

@@ -49,6 +49,14 @@ def lu_weight(w_p, w_l, w_u, w_s, l_mask, u_mask, l_eye, s_sign) -> torch.Tensor
     return w_p @ lower @ upper
 
 
+def matrix_inverse(w: torch.Tensor) -> torch.Tensor:
+    """W^-1 in W's dtype; bfloat16/float16 weights are inverted in float32 (linalg.inv has no low-precision
+    kernels, and the inverse of a rounded W is best taken in full precision)."""
+    if w.dtype in (torch.float32, torch.float64):
+        return torch.linalg.inv(w)
+    return torch.linalg.inv(w.float()).to(w.dtype)
+
+
 def coupling_combine(x_b: torch.Tensor, h: torch.Tensor, affine: bool):
     """y_b = (x_b + t) * sigmoid(log_s + 2) with (log_s, t) = h.chunk(2), or x_b + h; per-sample logdet."""
     if not affine:
@@ -161,7 +169,7 @@ class _InvConv1x1(nn.Module):
         return F.conv2d(x, w[:, :, None, None]), x.shape[2] * x.shape[3] * self.log_abs_det()
 
     def reverse(self, y):
-        return F.conv2d(y, torch.linalg.inv(self.calc_weight())[:, :, None, None])
+        return F.conv2d(y, matrix_inverse(self.calc_weight())[:, :, None, None])
 
 
 class InvConv2d(_InvConv1x1):
@@ -224,7 +232,14 @@ class ZeroConv2d(nn.Module):
 
 
 class AffineCoupling(nn.Module):
-    """Coupling layer: the first half of the channels conditions an affine (or additive) map of the second."""
+    """Coupling layer: the first half of the channels conditions an affine (or additive) map of the second.
+
+    ``net_autocast`` / ``net_channels_last`` say how the network runs (fastglow.Glow's options; not part of
+    the state): None / False is plain rosinality.
+    """
+
+    net_autocast: torch.dtype | None = None
+    net_channels_last: bool = False
 
     def __init__(self, in_channel: int, hidden_channels: int = 512, affine: bool = True):
         super().__init__()
@@ -240,14 +255,24 @@ class AffineCoupling(nn.Module):
             self.net[i].weight.data.normal_(0, 0.05)
             self.net[i].bias.data.zero_()
 
+    def run_net(self, fn, x_a: torch.Tensor) -> torch.Tensor:
+        """fn(x_a), fn the network or a part of it: in channels_last when ``net_channels_last``; under
+        autocast to ``net_autocast`` (result cast back to x_a's dtype) when that is set."""
+        if self.net_channels_last:
+            x_a = x_a.contiguous(memory_format=torch.channels_last)
+        if self.net_autocast is None:
+            return fn(x_a)
+        with torch.autocast(x_a.device.type, dtype=self.net_autocast):
+            return fn(x_a).to(x_a.dtype)
+
     def forward(self, x):
         x_a, x_b = x.chunk(2, 1)
-        y_b, logdet = coupling_combine(x_b, self.net(x_a), self.affine)
+        y_b, logdet = coupling_combine(x_b, self.run_net(self.net, x_a), self.affine)
         return torch.cat([x_a, y_b], 1), logdet
 
     def reverse(self, y):
         y_a, y_b = y.chunk(2, 1)
-        return torch.cat([y_a, coupling_uncombine(y_b, self.net(y_a), self.affine)], 1)
+        return torch.cat([y_a, coupling_uncombine(y_b, self.run_net(self.net, y_a), self.affine)], 1)
 
 
 class Flow(nn.Module):

@@ -20,79 +20,46 @@ level: each level starts from its own stored output, and its first step is recom
 rather than from a reconstruction (no re-anchoring inside a level). Only the level's own gradients see rebuilt
 inputs.
 
-Backend-agnostic: the steps run only through ``step_forward(step, x) -> (y, logdet [B])`` and
-``step_inverse(step, y) -> x``, plus optional fast paths (:class:`StepOps`): a forward fused across steps, and
-a fused "backward from output" that rebuilds x_k and emits every gradient of step k in one pass (the Triton
-backend provides both). Double backward is not supported.
+Backend-agnostic: the steps run only through a backend object (:mod:`fastglow.backends`):
+``forward(steps, x) -> (y, logdet [B])`` and ``inverse(steps, y) -> x``, plus an optional fused
+``backward_from_output(steps, y, grad_y, grad_logdet, x0)`` that replaces the whole loop of inversions and
+recomputations (the Triton backend has one). Double backward is not supported.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-from typing import Callable, NamedTuple, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from .reference import ActNorm
 
-StepForward = Callable[[nn.Module, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-StepInverse = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-
-LevelForward = Callable[[Sequence[nn.Module], torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-LevelBackward = Callable[..., "tuple[torch.Tensor, list]"]
+_N_NON_PARAM_INPUTS = 4  # x, steps, sizes, backend precede the parameters in apply()
 
 
-class StepOps(NamedTuple):
-    """How a backend runs the steps. Required: ``forward(step, x) -> (y, logdet [B])`` and
-    ``inverse(step, y) -> x``. Optional fast paths: ``level_forward(steps, x) -> (y, logdet)`` runs all steps
-    at once (fused across steps); ``level_backward(steps, y, grad_y, grad_logdet, x0) -> (grad_x, [[grad per
-    parameter of each step]])`` replaces the whole loop of inversions and recomputations (``x0``: the stored
-    level input, used instead of a reconstruction of the first step's input)."""
-    forward: StepForward
-    inverse: StepInverse
-    level_forward: LevelForward | None = None
-    level_backward: LevelBackward | None = None
-
-    def run(self, steps, x):
-        return self.level_forward(steps, x) if self.level_forward else run_steps(steps, x, self.forward)
-
-
-_N_NON_PARAM_INPUTS = 4  # x, steps, sizes, step_ops precede the parameters in apply()
-
-
-def run_steps(steps: Sequence[nn.Module], x: torch.Tensor, step_forward: StepForward):
-    """Plain autograd: y = f_{K-1}(…f_0(x)), logdet = Σ_k ld_k [B]; every step's activations stay alive."""
-    logdet = x.new_zeros(x.shape[0])
-    for step in steps:
-        x, det = step_forward(step, x)
-        logdet = logdet + det
-    return x, logdet
-
-
-def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, step_forward: StepForward,
-                     step_inverse: StepInverse, *, level_forward: LevelForward | None = None,
-                     level_backward: LevelBackward | None = None):
-    """Same result as :func:`run_steps`; backward rebuilds activations by inversion (memory flat in K).
+def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, backend):
+    """Same result as ``backend.forward(steps, x)`` (plain autograd keeps every step's activations); backward
+    rebuilds activations by inversion (memory flat in K).
 
     Without anything to differentiate (``torch.no_grad()``, inference mode, nothing requires grad) it is
-    :func:`run_steps` and saves nothing.
+    ``backend.forward`` and saves nothing.
     """
     steps = list(steps)
-    _check_arguments(steps, x, step_forward, step_inverse)
-    step_ops = StepOps(step_forward, step_inverse, level_forward, level_backward)
+    _check_arguments(steps, x, backend)
     params_per_step = [[t for _, _, t in parameter_slots(step)] for step in steps]
     params = [p for step_params in params_per_step for p in step_params]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
-        return step_ops.run(steps, x)
+        return backend.forward(steps, x)
     _require_initialized(steps, "forward")
     sizes = tuple(len(step_params) for step_params in params_per_step)
-    return ReversibleSteps.apply(x, steps, sizes, step_ops, *params)
+    return ReversibleSteps.apply(x, steps, sizes, backend, *params)
 
 
 class ReversibleSteps(torch.autograd.Function):
-    """autograd node for a whole level: inputs (x, steps, sizes, step_ops, *params),
+    """autograd node for a whole level: inputs (x, steps, sizes, backend, *params),
     outputs (y, logdet [B]). ``params`` are the steps' parameters in ``step.parameters()`` order, ``sizes[k]``
     of them for step k; they are explicit inputs so autograd accumulates their gradients into ``.grad``.
 
@@ -102,13 +69,13 @@ class ReversibleSteps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, steps, sizes, step_ops, *params):
-        y, logdet = step_ops.run(steps, x)  # Function.forward runs under no_grad: nothing kept
+    def forward(ctx, x, steps, sizes, backend, *params):
+        y, logdet = backend.forward(steps, x)  # Function.forward runs under no_grad: nothing kept
         if y.shape != x.shape or logdet.shape != (x.shape[0],):
-            raise ValueError(f"step_forward must map x {tuple(x.shape)} to (y of the same shape, logdet of "
+            raise ValueError(f"backend.forward must map x {tuple(x.shape)} to (y of the same shape, logdet of "
                              f"shape ({x.shape[0]},)); got {tuple(y.shape)} and {tuple(logdet.shape)}")
         ctx.steps, ctx.sizes = steps, sizes
-        ctx.step_ops = step_ops
+        ctx.backend = backend
         ctx.autocast = _autocast_state(x.device.type)
         ctx.save_for_backward(x, y, *params)  # y: the split's kept half and latent are views of it
         return y, logdet
@@ -123,7 +90,7 @@ class ReversibleSteps(torch.autograd.Function):
         ends = list(itertools.accumulate(ctx.sizes))
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         grad = grad_y
-        if ctx.step_ops.level_backward is not None:
+        if ctx.backend.backward_from_output is not None:
             grad, param_grads = fused_level_backward(ctx, params, needs_param_grad, x0, y, grad_y, grad_logdet)
             return (grad, None, None, None, *param_grads)
         with _autocast(ctx.autocast):
@@ -134,28 +101,27 @@ class ReversibleSteps(torch.autograd.Function):
                     x = x0
                 else:  # reconstruct x_k = f_k^-1(x_{k+1}) with the parameters forward saw
                     with _bound_parameters(step, [p.detach() for p in params[lo:hi]]):
-                        x = ctx.step_ops.inverse(step, y)
+                        x = ctx.backend.inverse([step], y)
                 y = None  # free step k's output before recomputing it (the level output stays saved in ctx)
                 grad, param_grads[lo:hi] = recompute_step_backward(
                     step, params[lo:hi], needs_param_grad[lo:hi], x, grad, grad_logdet,
-                    need_input_grad=need_input_grad, step_forward=ctx.step_ops.forward)
+                    need_input_grad=need_input_grad, backend=ctx.backend)
                 y = x
         return (grad, None, None, None, *param_grads)
 
 
-def recompute_step_backward(step, params, needs_param_grad, x, grad_y, grad_logdet, *, need_input_grad,
-                            step_forward: StepForward):
+def recompute_step_backward(step, params, needs_param_grad, x, grad_y, grad_logdet, *, need_input_grad, backend):
     """Vector-Jacobian product of one step at its input x: -> (∂L/∂x or None, [∂L/∂θ or None, ...]).
 
     Recomputes (y, ld) = f(x; θ) with grad on detached leaves and runs one ``torch.autograd.grad``; the step's
-    graph is freed on return. A backend's ``level_backward`` (:class:`StepOps`) replaces this and the
-    inversion before it with one fused pass.
+    graph is freed on return. A backend's ``backward_from_output`` replaces this and the inversion before it
+    with one fused pass.
     """
     _require_initialized([step], "backward recomputation")
     x_leaf = x.detach().requires_grad_(need_input_grad)
     leaves = [p.detach().requires_grad_(need) for p, need in zip(params, needs_param_grad)]
     with torch.enable_grad(), _bound_parameters(step, leaves):
-        y, logdet = step_forward(step, x_leaf)
+        y, logdet = backend.forward([step], x_leaf)
     outputs = [(t, g) for t, g in ((y, grad_y), (logdet, grad_logdet)) if t.requires_grad]
     wrt = [t for t in (x_leaf, *leaves) if t.requires_grad]
     grads = iter(torch.autograd.grad([t for t, _ in outputs], wrt, [g for _, g in outputs], allow_unused=True)
@@ -165,14 +131,15 @@ def recompute_step_backward(step, params, needs_param_grad, x, grad_y, grad_logd
 
 
 def fused_level_backward(ctx, params, needs_param_grad, x0, y, grad_y, grad_logdet):
-    """The level's backward through a backend's fused ``level_backward``: -> (∂L/∂x, [∂L/∂θ per parameter])."""
+    """The level's backward through a backend's fused ``backward_from_output``:
+    -> (∂L/∂x, [∂L/∂θ per parameter])."""
     _require_initialized(ctx.steps, "backward recomputation")
     leaves = [p.detach().requires_grad_(need) for p, need in zip(params, needs_param_grad)]
     ends = list(itertools.accumulate(ctx.sizes))
     with contextlib.ExitStack() as stack, _autocast(ctx.autocast):
         for step, end, size in zip(ctx.steps, ends, ctx.sizes):
             stack.enter_context(_bound_parameters(step, leaves[end - size:end]))
-        grad_x, grads_per_step = ctx.step_ops.level_backward(ctx.steps, y, grad_y, grad_logdet, x0)
+        grad_x, grads_per_step = ctx.backend.backward_from_output(ctx.steps, y, grad_y, grad_logdet, x0)
     grads = [g for step_grads in grads_per_step for g in step_grads]
     return grad_x, [g if need else None for g, need in zip(grads, needs_param_grad)]
 
@@ -224,13 +191,14 @@ def _require_initialized(steps, where: str) -> None:
                                    "path (fastglow.Glow.forward does this), never inside a reversible level")
 
 
-def _check_arguments(steps, x, step_forward, step_inverse) -> None:
+def _check_arguments(steps, x, backend) -> None:
     if not steps:
         raise ValueError("reversible_steps needs at least one step")
     if not all(isinstance(step, nn.Module) for step in steps):
         raise TypeError("every step must be an nn.Module (its parameters are the Function's inputs)")
-    if not (callable(step_forward) and callable(step_inverse)):
-        raise TypeError("step_forward and step_inverse must be callables (step, tensor) -> ...")
+    if not (callable(getattr(backend, "forward", None)) and callable(getattr(backend, "inverse", None))):
+        raise TypeError("backend must have forward(steps, x) and inverse(steps, y) callables "
+                        "(see fastglow.backends)")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating tensor with a leading batch dimension")
 

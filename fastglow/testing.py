@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: models at random non-trivial weights.
+"""Helpers for tests and benchmarks: models at random non-trivial weights, error measures, activity probes.
 
 A fresh Glow is near-identity (zero-initialised coupling outputs and priors), which hides bugs; every
 comparison is made after :func:`perturb_` has moved every parameter.
@@ -7,9 +7,22 @@ comparison is made after :func:`perturb_` has moved every parameter.
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Normwise relative error ||actual - expected||_2 / ||expected||_2 (over all elements)."""
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute error over the largest expected magnitude, max|actual - expected| / max|expected|,
+    computed in float64."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
 @torch.no_grad()
@@ -29,3 +42,52 @@ def initialized_model(model: nn.Module, x: torch.Tensor, sigma: float = 0.01, se
     """Run ActNorm's data-dependent init on ``x``, then perturb every parameter."""
     model(x)
     return perturb_(model, sigma, seed)
+
+
+def models_on_one_state(constructors: Sequence[Callable[[], nn.Module]], x_shape, *, sigma: float,
+                        dtype: torch.dtype = torch.float64, seed: int = 0):
+    """-> (x, [models]): after ``torch.manual_seed(seed)``, x ~ U(-0.5, 0.5) of ``x_shape``; the first model is
+    ActNorm-initialised on x and perturbed by ``sigma``, every other one loads its ``state_dict`` (so a
+    reference Glow and fastglow Glows of several backends or modes share exactly the same weights)."""
+    torch.manual_seed(seed)
+    x = torch.rand(*x_shape, dtype=dtype) - 0.5
+    first = initialized_model(constructors[0]().to(dtype), x, sigma=sigma)
+    models = [first]
+    for make in constructors[1:]:
+        model = make().to(dtype)
+        model.load_state_dict(first.state_dict())
+        models.append(model)
+    return x, models
+
+
+def coupling_activity(model: nn.Module, x: torch.Tensor) -> list[float]:
+    """Mean |NN output| of every coupling on input x: zero for a freshly initialised model."""
+    seen = []
+    hooks = [f.coupling.net.register_forward_hook(lambda m, i, out: seen.append(out.abs().mean().item()))
+             for b in model.blocks for f in b.flows]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+# aten ops that make the host wait for the device on CUDA: a value read back (.item(), bool(t), torch.equal),
+# or an output whose size depends on the values (nonzero, masked_select, unique, repeat_interleave).
+HOST_SYNC_OPS = frozenset({"_local_scalar_dense", "is_nonzero", "equal", "allclose", "nonzero", "masked_select",
+                           "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"})
+
+
+class HostSyncDetector(TorchDispatchMode):
+    """Inside ``with HostSyncDetector() as d:`` every host-syncing aten op (:data:`HOST_SYNC_OPS`) is recorded
+    in ``d.syncs`` (op names, in order). Works on any device, so a CPU test can show that a training step would
+    never stall a GPU (and so can be captured in a CUDA graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in HOST_SYNC_OPS:
+            self.syncs.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 import fastglow
-from fastglow.cli import main
-from fastglow.data import bin_centres, digit_levels, save_png, to_pixels
+from fastglow.app.cli import main
+from fastglow.app.data import bin_centres, digit_levels, save_png, to_pixels
 
 TINY_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "16", "--no-progress",
               "--eval-every", "0"]
@@ -42,6 +42,13 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"fastglow {fastglow.__version__}"
     out = subprocess.run([sys.executable, "-m", "fastglow", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and all(c in out.stdout for c in ("train", "sample", "eval", "interpolate"))
+
+
+def test_the_library_does_not_import_the_app():
+    code = ("import fastglow, sys; "
+            "assert 'PIL' not in sys.modules and 'sklearn' not in sys.modules and 'fastglow.app' not in sys.modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
 def test_train_writes_checkpoint_samples_and_log(run_dir, capsys):

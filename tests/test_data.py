@@ -5,8 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastglow.data import (DIGITS_LEVELS, InputError, ShuffledBatches, bin_centres, dequantize, image_grid,
-                           load_dataset, load_digits, to_levels, to_pixels)
+from fastglow.app.data import (DIGITS_LEVELS, ShuffledBatches, bin_centres, dequantize, image_grid, load_dataset,
+                               load_digits, to_levels, to_pixels)
+from fastglow.app.errors import InputError
 
 
 def _write(path, size, mode="RGB", seed=0):

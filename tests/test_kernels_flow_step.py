@@ -1,4 +1,4 @@
-"""kernels/flow_step.py against eager torch (fastglow.reference + einsum + autograd), float32 and float64.
+"""The flow-step kernels (fastglow/kernels/flow_step.py, channel_mix.py, coupling.py) against eager torch
 
 Shapes are small and odd (C not a power of two, non-square images); a covering set rather than the full
 product. Two cases reach past one tile: several pixel blocks (P = 192) and several channel chunks (C = 192).
@@ -7,7 +7,9 @@ product. Two cases reach past one tile: several pixel blocks (P = 192) and sever
 import pytest
 import torch
 
-from fastglow.kernels import flow_step as fs
+from fastglow.kernels.channel_mix import channel_mix_backward, channel_mix_forward
+from fastglow.kernels.coupling import coupling_backward
+from fastglow.kernels.flow_step import coupling_mix_forward
 from fastglow.reference import coupling_combine, coupling_uncombine
 
 F32, F64 = torch.float32, torch.float64
@@ -36,8 +38,8 @@ def make(shape, dtype, affine, device, seed=0):
     a = q + 0.1 * rnd(c, c) / c ** 0.5
     bias = 0.5 * rnd(c)
     a_inv = torch.linalg.inv(a)
-    out = dict(x=rnd(b, c, hh, ww), h_raw=0.5 * rnd(b, c_h, hh, ww), zscale=0.3 * rnd(c_h), weight=a, bias=bias,
-               inv_weight=a_inv, inv_bias=-a_inv @ bias, grad=rnd(b, c, hh, ww), grad_logdet=rnd(b))
+    out = dict(x=rnd(b, c, hh, ww), h_raw=0.5 * rnd(b, c_h, hh, ww), zscale=0.3 * rnd(c_h), mix_weight=a, mix_bias=bias,
+               mix_weight_inv=a_inv, mix_bias_inv=-a_inv @ bias, grad=rnd(b, c, hh, ww), grad_logdet=rnd(b))
     return {k: v.to(device, dtype) for k, v in out.items()}
 
 
@@ -59,15 +61,15 @@ def couple(y, h_raw, zscale, affine, inverse=False):
 def test_channel_mix_forward(shape, dtype, affine, device):
     t = make(shape, dtype, affine, device)
     x = t["x"].to(memory_format=torch.channels_last) if affine else t["x"]  # non-contiguous input half the time
-    out = fs.channel_mix_forward(x, t["weight"], t["bias"])
+    out = channel_mix_forward(x, t["mix_weight"], t["mix_bias"])
     assert out.is_contiguous() and out.dtype == dtype
-    close(out, mix(t["weight"], t["x"], t["bias"]), dtype)
+    close(out, mix(t["mix_weight"], t["x"], t["mix_bias"]), dtype)
 
 
 def test_channel_mix_forward_rectangular(device):
     t = make((2, 6, 4, 2), F64, True, device)
     w = torch.randn(10, 6, dtype=F64, device=device)
-    close(fs.channel_mix_forward(t["x"], w), mix(w, t["x"], torch.zeros(10, dtype=F64, device=device)), F64)
+    close(channel_mix_forward(t["x"], w), mix(w, t["x"], torch.zeros(10, dtype=F64, device=device)), F64)
 
 
 MODES = ["combine", "combine+mix", "combine+mix+store", "uncombine+mix"]
@@ -78,8 +80,8 @@ MODES = ["combine", "combine+mix", "combine+mix+store", "uncombine+mix"]
 def test_coupling_mix_forward(shape, dtype, affine, mode, device):
     t = make(shape, dtype, affine, device)
     inverse, has_mix, store = mode.startswith("un"), "mix" in mode, mode.endswith("store")
-    w, bias = (t["weight"], t["bias"]) if has_mix else (None, None)
-    mixed, coupled, logdet = fs.coupling_mix_forward(t["x"], t["h_raw"], t["zscale"], w, bias, affine=affine,
+    w, bias = (t["mix_weight"], t["mix_bias"]) if has_mix else (None, None)
+    mixed, coupled, logdet = coupling_mix_forward(t["x"], t["h_raw"], t["zscale"], w, bias, affine=affine,
                                                      inverse=inverse, store_coupled=store)
     ref_coupled, ref_logdet = couple(t["x"], t["h_raw"], t["zscale"], affine, inverse)
     if has_mix:
@@ -101,14 +103,14 @@ def test_round_trip(shape, dtype, affine, device):
     """x -> mix (ActNorm+1x1) -> combine, then uncombine fused with the inverse mix, gives x back; and the
     combine of one step fused with the next step's mix equals the two launches apart."""
     t = make(shape, dtype, affine, device)
-    y = fs.channel_mix_forward(t["x"], t["weight"], t["bias"])
-    _, out, _ = fs.coupling_mix_forward(y, t["h_raw"], t["zscale"], affine=affine)
-    x_rec, y_rec, _ = fs.coupling_mix_forward(out, t["h_raw"], t["zscale"], t["inv_weight"], t["inv_bias"],
+    y = channel_mix_forward(t["x"], t["mix_weight"], t["mix_bias"])
+    _, out, _ = coupling_mix_forward(y, t["h_raw"], t["zscale"], affine=affine)
+    x_rec, y_rec, _ = coupling_mix_forward(out, t["h_raw"], t["zscale"], t["mix_weight_inv"], t["mix_bias_inv"],
                                               affine=affine, inverse=True, store_coupled=True)
     close(y_rec, y, dtype)
     close(x_rec, t["x"], dtype)
-    fused, _, _ = fs.coupling_mix_forward(y, t["h_raw"], t["zscale"], t["weight"], t["bias"], affine=affine)
-    close(fused, fs.channel_mix_forward(out, t["weight"], t["bias"]), dtype)
+    fused, _, _ = coupling_mix_forward(y, t["h_raw"], t["zscale"], t["mix_weight"], t["mix_bias"], affine=affine)
+    close(fused, channel_mix_forward(out, t["mix_weight"], t["mix_bias"]), dtype)
 
 
 @pytest.mark.parametrize("shape,dtype,affine", CASES, ids=IDS)
@@ -119,7 +121,7 @@ def test_coupling_backward(shape, dtype, affine, device):
     out, logdet = couple(y, h_raw, zs, affine)
     loss = (out * t["grad"]).sum() + ((logdet * t["grad_logdet"]).sum() if with_gld else 0)
     ref = torch.autograd.grad(loss, (y, h_raw, zs))
-    res = fs.coupling_backward(out.detach(), t["grad"], t["h_raw"], t["zscale"],
+    res = coupling_backward(out.detach(), t["grad"], t["h_raw"], t["zscale"],
                                t["grad_logdet"] if with_gld else None, affine=affine)
     close(res[0], t["x"], dtype)  # recomputed input
     for got, want in zip(res[1:], ref):
@@ -130,13 +132,13 @@ def test_coupling_backward(shape, dtype, affine, device):
 @pytest.mark.parametrize("shape,dtype,affine", CASES, ids=IDS)
 def test_channel_mix_backward(shape, dtype, affine, recompute, device):
     t = make(shape, dtype, affine, device)
-    x, w, bias = (t[k].clone().requires_grad_() for k in ("x", "weight", "bias"))
+    x, w, bias = (t[k].clone().requires_grad_() for k in ("x", "mix_weight", "mix_bias"))
     y = mix(w, x, bias)
     ref = torch.autograd.grad((y * t["grad"]).sum(), (x, w, bias))
     if recompute:
-        res = fs.channel_mix_backward(y.detach(), t["grad"], t["weight"], t["inv_weight"], t["inv_bias"])
+        res = channel_mix_backward(y.detach(), t["grad"], t["mix_weight"], t["mix_weight_inv"], t["mix_bias_inv"])
     else:
-        res = fs.channel_mix_backward(None, t["grad"], t["weight"], x=t["x"])
+        res = channel_mix_backward(None, t["grad"], t["mix_weight"], x=t["x"])
     close(res[0], t["x"], dtype)
     for got, want in zip(res[1:], ref):
         close(got, want, dtype)
@@ -149,7 +151,7 @@ def test_coupling_extreme_scales(dtype, device):
     y = torch.randn(b, c, hh, ww, dtype=dtype, device=device)
     h_raw = 30 * torch.randn(b, c, hh, ww, dtype=dtype, device=device)
     zs = torch.zeros(c, dtype=dtype, device=device)
-    _, coupled, logdet = fs.coupling_mix_forward(y, h_raw, zs, affine=True)
+    _, coupled, logdet = coupling_mix_forward(y, h_raw, zs, affine=True)
     ref_coupled, ref_logdet = couple(y, h_raw, zs, True)
     assert torch.isfinite(logdet).all()
     close(coupled, ref_coupled, dtype)
@@ -158,25 +160,25 @@ def test_coupling_extreme_scales(dtype, device):
 
 def test_bad_inputs(device):
     t = make((2, 6, 4, 2), F32, True, device)
-    x, h, zs, w, bias = t["x"], t["h_raw"], t["zscale"], t["weight"], t["bias"]
+    x, h, zs, w, bias = t["x"], t["h_raw"], t["zscale"], t["mix_weight"], t["mix_bias"]
     cases = [
-        (TypeError, lambda: fs.channel_mix_forward(x.numpy() if x.device.type == "cpu" else 1.0, w, bias)),
-        (TypeError, lambda: fs.channel_mix_forward(x.half(), w.half(), bias.half())),
-        (TypeError, lambda: fs.channel_mix_forward(x, w.double(), bias)),
-        (ValueError, lambda: fs.channel_mix_forward(x[0], w, bias)),
-        (ValueError, lambda: fs.channel_mix_forward(x, w[:, :4], bias)),
-        (ValueError, lambda: fs.channel_mix_forward(x, w, bias[:5])),
-        (ValueError, lambda: fs.coupling_mix_forward(x[:, :5], h[:, :5], zs[:5], affine=True)),
-        (ValueError, lambda: fs.coupling_mix_forward(x, h[:, :3], zs, affine=True)),
-        (ValueError, lambda: fs.coupling_mix_forward(x, h, zs[:3], affine=True)),
-        (ValueError, lambda: fs.coupling_mix_forward(x, h, zs, affine=False)),
-        (ValueError, lambda: fs.coupling_mix_forward(x, h, zs, None, bias, affine=True)),
-        (TypeError, lambda: fs.coupling_mix_forward(x, h.double(), zs, affine=True)),
-        (ValueError, lambda: fs.coupling_backward(x, x[:1], h, zs, affine=True)),
-        (ValueError, lambda: fs.coupling_backward(x, x, h, zs, zs, affine=True)),
-        (ValueError, lambda: fs.channel_mix_backward(x, x, w)),
-        (ValueError, lambda: fs.channel_mix_backward(x, x, w, w[:4])),
-        (ValueError, lambda: fs.channel_mix_backward(None, x, w, x=x[:, :4])),
+        (TypeError, lambda: channel_mix_forward(x.numpy() if x.device.type == "cpu" else 1.0, w, bias)),
+        (TypeError, lambda: channel_mix_forward(x.half(), w.half(), bias.half())),
+        (TypeError, lambda: channel_mix_forward(x, w.double(), bias)),
+        (ValueError, lambda: channel_mix_forward(x[0], w, bias)),
+        (ValueError, lambda: channel_mix_forward(x, w[:, :4], bias)),
+        (ValueError, lambda: channel_mix_forward(x, w, bias[:5])),
+        (ValueError, lambda: coupling_mix_forward(x[:, :5], h[:, :5], zs[:5], affine=True)),
+        (ValueError, lambda: coupling_mix_forward(x, h[:, :3], zs, affine=True)),
+        (ValueError, lambda: coupling_mix_forward(x, h, zs[:3], affine=True)),
+        (ValueError, lambda: coupling_mix_forward(x, h, zs, affine=False)),
+        (ValueError, lambda: coupling_mix_forward(x, h, zs, None, bias, affine=True)),
+        (TypeError, lambda: coupling_mix_forward(x, h.double(), zs, affine=True)),
+        (ValueError, lambda: coupling_backward(x, x[:1], h, zs, affine=True)),
+        (ValueError, lambda: coupling_backward(x, x, h, zs, zs, affine=True)),
+        (ValueError, lambda: channel_mix_backward(x, x, w)),
+        (ValueError, lambda: channel_mix_backward(x, x, w, w[:4])),
+        (ValueError, lambda: channel_mix_backward(None, x, w, x=x[:, :4])),
     ]
     for err, call in cases:
         with pytest.raises(err):

@@ -1,13 +1,14 @@
 """fastglow.Glow against the reference and rosinality's checkpoint layout; the public helpers."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
 import fastglow
 from fastglow import reference
-from fastglow.testing import initialized_model
+from fastglow.testing import initialized_model, models_on_one_state
 
 FLOW_KEYS_LU = ["w_p", "u_mask", "l_mask", "s_sign", "l_eye", "w_l", "w_s", "w_u"]
 
@@ -49,12 +50,10 @@ def test_parameter_shapes_match_rosinality_at_default_width():
 
 def _pair(affine=True, conv_lu=True, dtype=torch.float64):
     """A perturbed reference model and a fastglow.Glow loaded from its state_dict."""
-    torch.manual_seed(0)
-    x = torch.rand(3, 3, 8, 8, dtype=dtype) - 0.5
-    ref = initialized_model(reference.Glow(3, 2, 2, affine=affine, conv_lu=conv_lu, hidden_channels=16)
-                            .to(dtype), x, sigma=0.3)
-    fast = fastglow.Glow(3, 2, 2, affine=affine, conv_lu=conv_lu, hidden_channels=16, backend="eager").to(dtype)
-    fast.load_state_dict(ref.state_dict())
+    kw = dict(affine=affine, conv_lu=conv_lu, hidden_channels=16)
+    x, (ref, fast) = models_on_one_state([partial(reference.Glow, 3, 2, 2, **kw),
+                                          partial(fastglow.Glow, 3, 2, 2, backend="eager", **kw)],
+                                         (3, 3, 8, 8), sigma=0.3, dtype=dtype)
     return ref, fast, x
 
 

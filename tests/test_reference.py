@@ -8,7 +8,7 @@ import torch
 
 import fastglow
 from fastglow import reference
-from fastglow.testing import initialized_model, perturb_
+from fastglow.testing import coupling_activity, initialized_model, perturb_, rel_error
 
 VARIANTS = list(itertools.product([True, False], [True, False]))  # (affine, conv_lu)
 
@@ -18,34 +18,22 @@ def _model(cls, c, k, l, affine, conv_lu, dtype, hidden=16, seed=0):
     return cls(c, k, l, affine=affine, conv_lu=conv_lu, hidden_channels=hidden).to(dtype)
 
 
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
 @pytest.mark.parametrize("affine,conv_lu", VARIANTS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("cls", [reference.Glow, fastglow.Glow])
 def test_reverse_of_forward_recovers_input(cls, affine, conv_lu, dtype, tol):
-    x = torch.rand(2, 3, 16, 16, dtype=dtype) - 0.5
+    x = torch.rand(2, 3, 16, 16, dtype=dtype, generator=torch.Generator().manual_seed(7)) - 0.5
+    if dtype == torch.float32 and conv_lu:
+        # 24 steps at sigma=0.1 through float32 LU weights (W^-1 by a float32 inverse, as rosinality does):
+        # measured 0.98-1.19e-5 over 6 inputs on torch 2.13 (plain weights: 3-5e-6), so 1e-5 sat on the edge
+        tol = 2e-5
     model = initialized_model(_model(cls, 3, 8, 3, affine, conv_lu, dtype), x, sigma=0.1)
     assert min(coupling_activity(model, x)) > 0.02  # every coupling moves its half by several percent
     with torch.no_grad():
         log_p, logdet, z_outs = model(x)
         x_rec = model.reverse(z_outs, reconstruct=True)
     assert torch.isfinite(log_p).all() and torch.isfinite(logdet).all()
-    assert _rel(x_rec, x) <= tol
-
-
-def coupling_activity(model, x):
-    """Mean |NN output| of every coupling on input x: zero for a freshly initialised model."""
-    seen = []
-    hooks = [f.coupling.net.register_forward_hook(lambda m, i, out: seen.append(out.abs().mean().item()))
-             for b in model.blocks for f in b.flows]
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
-    return seen
+    assert rel_error(x_rec, x) <= tol
 
 
 def _flat_latent(model, x):

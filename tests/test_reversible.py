@@ -1,17 +1,17 @@
 """Reversible backprop (fastglow.reversible): gradients equal plain autograd's at depth with non-trivial
 weights, gradcheck, inference and frozen inputs, optimizer steps, ActNorm init, memory flat in depth K."""
 
-import importlib.util
 import itertools
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 
+from benchmarks.bench_memory import measure_step_memory
 import fastglow
+from fastglow.backends import EagerSteps
 from fastglow.reversible import reversible_steps
-from fastglow.testing import initialized_model
-from test_reference import coupling_activity
+from fastglow.testing import coupling_activity, initialized_model, models_on_one_state, rel_error
 
 VARIANTS = list(itertools.product([True, False], [True, False]))  # (affine, conv_lu)
 
@@ -19,13 +19,10 @@ VARIANTS = list(itertools.product([True, False], [True, False]))  # (affine, con
 def _pair(affine=True, conv_lu=True, dtype=torch.float64, n_flow=16, n_block=3, size=16, sigma=0.07,
           hidden=16, batch=2):
     """(plain, reversible): fastglow.Glow with reversible=False and =True on one perturbed state_dict."""
-    torch.manual_seed(0)
-    x = torch.rand(batch, 3, size, size, dtype=dtype) - 0.5
     kwargs = dict(affine=affine, conv_lu=conv_lu, hidden_channels=hidden, backend="eager")
-    plain = fastglow.Glow(3, n_flow, n_block, reversible=False, **kwargs).to(dtype)
-    initialized_model(plain, x, sigma=sigma)
-    rev = fastglow.Glow(3, n_flow, n_block, **kwargs).to(dtype)
-    rev.load_state_dict(plain.state_dict())
+    x, (plain, rev) = models_on_one_state([partial(fastglow.Glow, 3, n_flow, n_block, reversible=False, **kwargs),
+                                           partial(fastglow.Glow, 3, n_flow, n_block, **kwargs)],
+                                          (batch, 3, size, size), sigma=sigma, dtype=dtype)
     return plain, rev, x
 
 
@@ -42,10 +39,6 @@ def _gradients(model, x, x_requires_grad=True):
     outputs = model(xi)
     _loss(outputs).backward()
     return outputs, xi.grad, {name: p.grad for name, p in model.named_parameters()}
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _uses_reversible_function(outputs):
@@ -69,17 +62,17 @@ def test_gradients_equal_plain_autograd_at_depth(affine, conv_lu, dtype, tol):
     assert min(coupling_activity(plain, x)) > 0.02  # every coupling moves its half by a few percent
     with torch.no_grad():
         x_rec = plain.reverse(plain(x)[2], reconstruct=True)
-    assert _rel(x_rec, x) < (1e-11 if dtype == torch.float64 else 1e-3)  # a K=16 model that inverts
+    assert rel_error(x_rec, x) < (1e-11 if dtype == torch.float64 else 1e-3)  # a K=16 model that inverts
     (lp_p, ld_p, z_p), gx_p, g_p = _gradients(plain, x)
     out_r, gx_r, g_r = _gradients(rev, x)
     assert _uses_reversible_function(out_r) and not _uses_reversible_function((lp_p,))
     torch.testing.assert_close(out_r[0], lp_p, rtol=0, atol=0)  # the same forward arithmetic
     torch.testing.assert_close(out_r[1], ld_p, rtol=0, atol=0)
-    assert _rel(gx_r, gx_p) <= tol
+    assert rel_error(gx_r, gx_p) <= tol
     assert g_r.keys() == g_p.keys()
     for name in g_p:
         assert g_p[name].norm() > 0, name
-        assert _rel(g_r[name], g_p[name]) <= tol, name
+        assert rel_error(g_r[name], g_p[name]) <= tol, name
 
 
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
@@ -126,7 +119,7 @@ def test_input_without_grad_and_frozen_parameters():
         if "actnorm" in name or name.endswith("w_l"):
             assert g_r[name] is None and g_p[name] is None, name
         else:
-            assert _rel(g_r[name], g_p[name]) <= 1e-9, name
+            assert rel_error(g_r[name], g_p[name]) <= 1e-9, name
 
 
 def test_optimizer_steps_with_accumulated_gradients_match_plain():
@@ -148,16 +141,19 @@ def test_backward_reconstructs_k_minus_one_inputs_and_recomputes_each_step_once(
     _, rev, x = _pair(n_flow=5, n_block=1)
     flows, calls = rev.blocks[0].flows, {"forward": 0, "inverse": 0}
 
-    def step_forward(flow, v):
-        calls["forward"] += 1
-        return flow(v)
+    class CountingSteps(EagerSteps):
+        """Counts the steps run forward and inverted."""
 
-    def step_inverse(flow, v):
-        calls["inverse"] += 1
-        return flow.reverse(v)
+        def forward(self, steps, v):
+            calls["forward"] += len(steps)
+            return super().forward(steps, v)
+
+        def inverse(self, steps, v):
+            calls["inverse"] += len(steps)
+            return super().inverse(steps, v)
 
     xi = fastglow.reference.squeeze2d(x).requires_grad_()
-    y, logdet = reversible_steps(flows, xi, step_forward, step_inverse)
+    y, logdet = reversible_steps(flows, xi, CountingSteps())
     assert calls == {"forward": 5, "inverse": 0}
     (y.square().sum() + logdet.sum()).backward()
     assert calls == {"forward": 10, "inverse": 4}  # step 0 is recomputed from the stored level input
@@ -191,20 +187,11 @@ def test_saved_tensors_flat_in_depth_and_level_output_costs_nothing():
 
 
 def test_peak_rss_of_a_training_step_is_flat_in_depth():
-    bench = _load_bench_memory()
-    step_mb = {(rev, k): bench.measure_step_memory(k, rev)["step_mb"]
+    step_mb = {(rev, k): measure_step_memory(k, rev)["step_mb"]
                for rev, k in itertools.product([True, False], [4, 32])}
     assert step_mb[True, 32] <= 1.1 * step_mb[True, 4] + 3.0, step_mb
     assert step_mb[False, 32] >= step_mb[False, 4] + 0.5 * (32 - 4) / 4 * step_mb[False, 4], step_mb  # ~ K
     assert step_mb[False, 32] > 5 * step_mb[True, 32], step_mb
-
-
-def _load_bench_memory():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_double_backward_is_refused():
@@ -219,7 +206,7 @@ def test_actnorm_is_never_initialised_inside_a_reversible_level():
     fresh = fastglow.Glow(3, 2, 2, hidden_channels=16).double()
     xs = fastglow.reference.squeeze2d(x)
     with pytest.raises(RuntimeError, match="ActNorm is not initialised"):
-        reversible_steps(fresh.blocks[0].flows, xs, lambda f, v: f(v), lambda f, v: f.reverse(v))
+        reversible_steps(fresh.blocks[0].flows, xs, EagerSteps())
     assert not fresh.actnorm_initialized()
     outputs = rev(x)
     actnorm = rev.blocks[0].flows[1].actnorm
@@ -245,24 +232,27 @@ def test_autocast_state_is_replayed_in_the_recomputation():
 def test_bad_arguments_are_refused():
     _, rev, x = _pair(n_flow=2, n_block=1, size=8)
     flows, xs = rev.blocks[0].flows, fastglow.reference.squeeze2d(x).requires_grad_()
-    inverse = lambda f, v: f.reverse(v)  # noqa: E731
+
+    class ShapeChangingSteps(EagerSteps):
+        def forward(self, steps, v):
+            y, logdet = super().forward(steps, v)
+            return y[:, :4], logdet
+
     with pytest.raises(ValueError, match="at least one step"):
-        reversible_steps([], xs, lambda f, v: f(v), inverse)
+        reversible_steps([], xs, EagerSteps())
     with pytest.raises(TypeError, match="nn.Module"):
-        reversible_steps([lambda v: v], xs, lambda f, v: f(v), inverse)
+        reversible_steps([lambda v: v], xs, EagerSteps())
     with pytest.raises(TypeError, match="callables"):
-        reversible_steps(flows, xs, None, inverse)
+        reversible_steps(flows, xs, None)
     with pytest.raises(ValueError, match="same shape"):
-        reversible_steps(flows[:1], xs, lambda f, v: (f(v)[0][:, :4], f(v)[1]), inverse)
+        reversible_steps(flows[:1], xs, ShapeChangingSteps())
 
 
 def _tiny_pair(backend, reversible=True):
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 8, 8, dtype=torch.float64) - 0.5
     kwargs = dict(hidden_channels=8, backend=backend)
-    plain = initialized_model(fastglow.Glow(3, 2, 3, reversible=False, **kwargs).double(), x, sigma=0.2)
-    rev = fastglow.Glow(3, 2, 3, reversible=reversible, **kwargs).double()
-    rev.load_state_dict(plain.state_dict())
+    x, (plain, rev) = models_on_one_state([partial(fastglow.Glow, 3, 2, 3, reversible=False, **kwargs),
+                                           partial(fastglow.Glow, 3, 2, 3, reversible=reversible, **kwargs)],
+                                          (2, 3, 8, 8), sigma=0.2)
     return plain, rev, x
 
 
@@ -278,7 +268,7 @@ def test_functional_call_with_other_parameters_gives_their_gradients(backend):
         outputs = torch.func.functional_call(model, params, (x,))
         grads.append(torch.autograd.grad(_loss(outputs), list(params.values())))
     for name, a, b in zip(params, *grads):
-        assert _rel(b, a) <= 1e-9, name
+        assert rel_error(b, a) <= 1e-9, name
 
 
 def _emulate_data_parallel_replica(module):
@@ -306,7 +296,7 @@ def test_data_parallel_replicas_get_every_gradient(backend):
     _loss(plain(x)).backward()
     for (name, p), q in zip(rev.named_parameters(), plain.parameters()):
         assert p.grad is not None, name
-        assert _rel(p.grad, q.grad) <= 1e-9, name
+        assert rel_error(p.grad, q.grad) <= 1e-9, name
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton"])
@@ -321,4 +311,4 @@ def test_frozen_parameter_groups(backend, frozen):
     for (name, p), q in zip(rev.named_parameters(), plain.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if q.grad is not None:
-            assert _rel(p.grad, q.grad) <= 1e-9, name
+            assert rel_error(p.grad, q.grad) <= 1e-9, name

@@ -11,12 +11,13 @@ import time
 import pytest
 import torch
 
-import fastglow.train as train_mod
-from fastglow import checkpoint as ckpt_io
 from fastglow import reference
-from fastglow.cli import main
-from fastglow.data import InputError
-from fastglow.train import train
+from fastglow.app import checkpoint as ckpt_io
+from fastglow.app import loop
+from fastglow.app.cli import main
+from fastglow.app.config import TrainConfig
+from fastglow.app.errors import InputError
+from fastglow.app.loop import train
 
 # cooldown 0: the lr schedule does not depend on --steps, so a run cut at step 3 and extended to 6 is the same run
 TINY = dict(n_flow=2, n_block=2, hidden=8, batch=16, warmup=2, cooldown=0, eval_every=0, progress=False)
@@ -55,8 +56,8 @@ def _assert_tensors_equal(a, b, path="state"):
 
 
 def test_learning_rate_warms_up_then_cools_down_linearly():
-    cfg = train_mod.TrainConfig(lr=1.0, warmup=4, cooldown=5, steps=20)
-    lrs = [train_mod.learning_rate(cfg, t) for t in range(1, 21)]
+    cfg = TrainConfig(lr=1.0, warmup=4, cooldown=5, steps=20)
+    lrs = [loop.learning_rate(cfg, t) for t in range(1, 21)]
     assert lrs[:5] == [0.25, 0.5, 0.75, 1.0, 1.0] and lrs[-5:] == [1.0, 0.8, 0.6, 0.4, 0.2]
 
 
@@ -98,7 +99,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
-    real_loss, calls = train_mod.training_loss, []
+    real_loss, calls = loop.training_loss, []
 
     def flaky_loss(model, x, n_bins):  # non-finite on steps 3 and 4, and from step 7 on
         calls.append(1)
@@ -106,7 +107,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, 
         bad = len(calls) in (3, 4) or len(calls) >= 7
         return loss * float("nan") if bad else loss
 
-    monkeypatch.setattr(train_mod, "training_loss", flaky_loss)
+    monkeypatch.setattr(loop, "training_loss", flaky_loss)
     out = tmp_path / "run"
     rc = main(["train", "--out", str(out), *TINY_FLAGS, "--steps", "20", "--ckpt-every", "2",
                "--max-bad-steps", "3", "--log-every", "1"])

@@ -1,35 +1,37 @@
 """The Triton backend end to end: autograd Functions gradchecked in float64, and the whole model
 against the eager backend and the reference at perturbed weights (CPU: through the interpreter)."""
 
+from functools import partial
+
 import pytest
 import torch
 
 import fastglow
 from fastglow import ops, reference
-from fastglow.testing import initialized_model, perturb_
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+from fastglow.backends import EagerSteps, TritonSteps, select_backend
+from fastglow.kernels.channel_mix import ChannelMixFunction
+from fastglow.kernels.coupling import CouplingFunction, CouplingMixFunction
+from fastglow.kernels.lu_weight import LUWeightFunction, perm_from_matrix
+from fastglow.kernels.squeeze import SqueezeFunction
+from fastglow.testing import models_on_one_state, perturb_, rel_error
 
 
 def test_squeeze_function_gradcheck():
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: ops.SqueezeFunction.apply(v, False), (x,))
+    assert torch.autograd.gradcheck(lambda v: SqueezeFunction.apply(v, False), (x,))
     y = torch.randn(1, 8, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: ops.SqueezeFunction.apply(v, True), (y,))
+    assert torch.autograd.gradcheck(lambda v: SqueezeFunction.apply(v, True), (y,))
 
 
 @pytest.mark.parametrize("c,steps", [(2, 2), (5, 1)])
 def test_lu_weight_function_gradcheck(c, steps):
     torch.manual_seed(c)
     convs = [perturb_(reference.InvConv2dLU(c).double(), sigma=0.5, seed=i) for i in range(steps)]
-    from fastglow.kernels.lu_weight import perm_from_matrix
     perm = perm_from_matrix(torch.stack([m.w_p for m in convs]))
     s_sign = torch.stack([m.s_sign for m in convs])
     params = [torch.stack([getattr(m, n) for m in convs]).detach().requires_grad_() for n in ("w_l", "w_u", "w_s")]
-    assert torch.autograd.gradcheck(lambda l, u, s: ops.LUWeightFunction.apply(perm, l, u, s, s_sign), params)
-    w, w_inv, logdet = ops.LUWeightFunction.apply(perm, *params, s_sign)
+    assert torch.autograd.gradcheck(lambda l, u, s: LUWeightFunction.apply(perm, l, u, s, s_sign), params)
+    w, w_inv, logdet = LUWeightFunction.apply(perm, *params, s_sign)
     for k, m in enumerate(convs):
         torch.testing.assert_close(w[k], m.calc_weight(), rtol=1e-12, atol=1e-12)
 
@@ -39,7 +41,7 @@ def test_channel_mix_function_gradcheck():
     x = torch.randn(2, 6, 2, 3, dtype=torch.float64, requires_grad=True)
     a = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     c = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ops.ChannelMixFunction.apply, (x, a, c))
+    assert torch.autograd.gradcheck(ChannelMixFunction.apply, (x, a, c))
 
 
 def _coupling_operands(affine, c=6, seed=0):
@@ -54,18 +56,17 @@ def _coupling_operands(affine, c=6, seed=0):
 @pytest.mark.parametrize("affine", [True, False])
 def test_coupling_function_gradcheck(affine):
     y, h_raw, zscale = _coupling_operands(affine)
-    assert torch.autograd.gradcheck(lambda *a: ops.CouplingFunction.apply(*a, affine), (y, h_raw, zscale))
+    assert torch.autograd.gradcheck(lambda *a: CouplingFunction.apply(*a, affine), (y, h_raw, zscale))
 
 
 def _models(affine, conv_lu, dtype, reversible=False):
-    torch.manual_seed(0)
-    x = torch.rand(2, 3, 8, 8, dtype=dtype) - 0.5
     kw = dict(affine=affine, conv_lu=conv_lu, hidden_channels=16)
-    ref = initialized_model(reference.Glow(3, 2, 2, **kw).to(dtype), x, sigma=0.3)
-    fast = {b: fastglow.Glow(3, 2, 2, backend=b, reversible=reversible, **kw).to(dtype) for b in ("eager", "triton")}
-    for m in fast.values():
-        m.load_state_dict(ref.state_dict())
-    return ref, fast, x
+    backends = ("eager", "triton")
+    x, (ref, *fast) = models_on_one_state(
+        [partial(reference.Glow, 3, 2, 2, **kw)] +
+        [partial(fastglow.Glow, 3, 2, 2, backend=b, reversible=reversible, **kw) for b in backends],
+        (2, 3, 8, 8), sigma=0.3, dtype=dtype)
+    return ref, dict(zip(backends, fast)), x
 
 
 def _run(model, x):
@@ -91,17 +92,17 @@ def test_triton_model_matches_eager_and_reference(affine, conv_lu, reversible, d
     for backend in ("eager", "triton"):
         out, grads = _run(fast[backend], x)
         for key in out_ref:
-            assert _rel(out[key], out_ref[key]) <= tol, (backend, key)
+            assert rel_error(out[key], out_ref[key]) <= tol, (backend, key)
         for name, g in grad_ref.items():
-            assert _rel(grads[name], g) <= 10 * tol, (backend, name)  # gradients: sums of many terms
-    assert _rel(out_ref["rec"], x) <= tol
+            assert rel_error(grads[name], g) <= 10 * tol, (backend, name)  # gradients: sums of many terms
+    assert rel_error(out_ref["rec"], x) <= tol
 
 
 def test_auto_backend_is_eager_on_cpu_and_triton_on_cuda():
-    assert ops.resolve_backend("auto", torch.zeros(1)) == "eager"
-    assert ops.resolve_backend("triton", torch.zeros(1)) == "triton"  # TRITON_INTERPRET=1 under the tests
+    assert isinstance(select_backend("auto", torch.zeros(1)), EagerSteps)
+    assert isinstance(select_backend("triton", torch.zeros(1)), TritonSteps)  # TRITON_INTERPRET=1 under the tests
     with pytest.raises(TypeError, match="float32 or float64"):
-        ops.resolve_backend("triton", torch.zeros(1, dtype=torch.float16))
+        select_backend("triton", torch.zeros(1, dtype=torch.float16))
 
 
 def test_reverse_stays_differentiable_on_the_triton_backend():
@@ -118,7 +119,7 @@ def test_coupling_mix_function_gradcheck(affine):
     y, h_raw, zscale = _coupling_operands(affine, c, seed=1)
     a = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: ops.CouplingMixFunction.apply(*t, affine, True), (y, h_raw, zscale, a, bias))
+    assert torch.autograd.gradcheck(lambda *t: CouplingMixFunction.apply(*t, affine, True), (y, h_raw, zscale, a, bias))
 
 
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
@@ -127,16 +128,16 @@ def test_fused_level_forward_matches_per_step(affine, conv_lu):
     flows = ref.blocks[0].flows
     xs = reference.squeeze2d(x)
     outs = []
-    for fn in (lambda v: ops.level_forward(flows, v, "triton"), lambda v: ops.level_forward(flows, v, "eager")):
+    for fn in (lambda v: TritonSteps().forward(flows, v), lambda v: EagerSteps().forward(flows, v)):
         ref.zero_grad()
         v = xs.clone().requires_grad_()
         y, logdet = fn(v)
         ((y ** 3).sum() + logdet.sum()).backward()
         outs.append((y, logdet, v.grad, [p.grad.clone() for p in flows.parameters()]))
     (y_t, ld_t, gx_t, gp_t), (y_e, ld_e, gx_e, gp_e) = outs
-    assert _rel(y_t, y_e) <= 1e-12 and _rel(ld_t, ld_e) <= 1e-12 and _rel(gx_t, gx_e) <= 1e-10
+    assert rel_error(y_t, y_e) <= 1e-12 and rel_error(ld_t, ld_e) <= 1e-12 and rel_error(gx_t, gx_e) <= 1e-10
     for a, b in zip(gp_t, gp_e):
-        assert _rel(a, b) <= 1e-10
+        assert rel_error(a, b) <= 1e-10
 
 
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
@@ -145,11 +146,11 @@ def test_level_backward_from_output_matches_autograd(affine, conv_lu, dtype, tol
     ref, _, _ = _models(affine, conv_lu, dtype)
     flows = ref.blocks[0].flows
     x = torch.randn(2, 12, 4, 4, dtype=dtype, requires_grad=True)
-    y, logdet = ops.level_forward(flows, x, "eager")
+    y, logdet = EagerSteps().forward(flows, x)
     grad_y, grad_logdet = torch.randn_like(y), torch.randn(2, dtype=dtype)
     expected = torch.autograd.grad([y, logdet], [x, *flows.parameters()], [grad_y, grad_logdet])
     for x0 in (None, x.detach()):  # the first step's input rebuilt, or the stored level input
         grad_x, per_flow = ops.level_backward_from_output(flows, y.detach(), grad_y, grad_logdet, x0)
-        assert _rel(grad_x, expected[0]) <= tol
+        assert rel_error(grad_x, expected[0]) <= tol
         for got, want in zip([g for grads in per_flow for g in grads], expected[1:]):
-            assert _rel(got, want) <= 10 * tol
+            assert rel_error(got, want) <= 10 * tol

@@ -15,10 +15,11 @@ Kernels work on (CP x BN) register tiles, CP = next_power_of_2(C), with masks fo
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
-__all__ = ["perm_from_matrix", "lu_weight_forward", "lu_weight_backward"]
+__all__ = ["perm_from_matrix", "lu_weight_forward", "lu_weight_backward", "LUWeightFunction"]
 
 
 @triton.jit
@@ -264,3 +265,24 @@ def lu_weight_backward(perm, w_l, w_u, w_s, s_sign, W_inv, grad_W, grad_W_inv=No
         CP=cp, BN=bn, HAS_GW=grad_W is not None, HAS_GWINV=grad_W_inv is not None,
         HAS_GLD=grad_logdet is not None, num_warps=warps)
     return g_wl, g_wu, g_ws
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Function
+# ----------------------------------------------------------------------------------------------
+class LUWeightFunction(torch.autograd.Function):
+    """S stacked LU-parameterised weights at once: (W, W^-1, log|det W|), one launch each way."""
+
+    @staticmethod
+    def forward(ctx, perm, w_l, w_u, w_s, s_sign):
+        w, w_inv, logdet = lu_weight_forward(perm, w_l, w_u, w_s, s_sign, inverse=True)
+        ctx.save_for_backward(perm, w_l, w_u, w_s, s_sign, w_inv)
+        ctx.set_materialize_grads(False)  # an unused W^-1 costs the backward kernel nothing
+        return w, w_inv, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_w, grad_w_inv, grad_logdet):
+        perm, w_l, w_u, w_s, s_sign, w_inv = ctx.saved_tensors
+        g_l, g_u, g_s = lu_weight_backward(perm, w_l, w_u, w_s, s_sign, w_inv, grad_w, grad_w_inv, grad_logdet)
+        return None, g_l, g_u, g_s, None

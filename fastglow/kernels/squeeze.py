@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["squeeze_forward", "squeeze_backward", "unsqueeze_forward", "unsqueeze_backward"]
+__all__ = ["squeeze_forward", "squeeze_backward", "unsqueeze_forward", "unsqueeze_backward", "SqueezeFunction"]
 
 _BLOCK = 1024
 
@@ -102,3 +102,19 @@ def squeeze_backward(grad_y: torch.Tensor) -> torch.Tensor:
 def unsqueeze_backward(grad_x: torch.Tensor) -> torch.Tensor:
     """Gradient of :func:`unsqueeze_forward`: squeeze of the incoming gradient."""
     return squeeze_forward(grad_x)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Function
+# ----------------------------------------------------------------------------------------------
+class SqueezeFunction(torch.autograd.Function):
+    """2x2 space-to-depth (or its inverse): a permutation, so each direction's gradient is the other."""
+
+    @staticmethod
+    def forward(ctx, x, inverse: bool):
+        ctx.inverse = inverse
+        return unsqueeze_forward(x) if inverse else squeeze_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (unsqueeze_backward(grad) if ctx.inverse else squeeze_backward(grad)), None

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from . import __version__
-from .data import InputError
+from .. import __version__, z_shapes
+from .errors import InputError, TrainingError
 
 
 def _positive_int(text: str) -> int:
@@ -89,12 +89,8 @@ def _add_execution_flags(p):
     return g
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig as C
-
-    parser = argparse.ArgumentParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
-    parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_train_command(sub) -> None:
+    from .config import TrainConfig as C
 
     t = sub.add_parser("train", help="train a Glow (resumable; run under torchrun for several processes)",
                        description="Train a Glow by maximum likelihood. The defaults suit the embedded 8x8 "
@@ -112,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
     g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
+                   help="replay each step's forward and backward from a CUDA graph captured at the first step "
+                        "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--batch", type=_positive_int, help=f"global batch size (default {C.batch})")
     o.add_argument("--lr", type=float, help=f"Adam learning rate (default {C.lr})")
@@ -138,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--zoom", type=_positive_int, help="upscale grid images by this factor (default 1)")
     r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     t.set_defaults(run=_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_train_command(sub)
 
     s = sub.add_parser("sample", help="draw a grid of samples from a checkpoint")
     s.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
@@ -178,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Commands
 # ----------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .loop import train
 
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "n_bins"}
     options = {k: v for k, v in vars(args).items() if k in fields}
@@ -197,16 +204,11 @@ def _model_flags(args) -> dict:
     return {k: getattr(args, k, None) for k in keys}
 
 
-def _device(args) -> str:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: CUDA is not available here")
-    return device
-
-
 def _load(args, default_img_size: int = 64):
     from .checkpoint import load_model
-    return load_model(args.ckpt, _model_flags(args), _device(args), args.backend or "auto", default_img_size)
+    from .distributed import pick_device
+    return load_model(args.ckpt, _model_flags(args), pick_device(args.device), args.backend or "auto",
+                      default_img_size)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -225,14 +227,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _z_shapes(info):
-    from .reference import z_shapes
     return z_shapes(info["in_channel"], info["img_size"], info["n_block"])
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .data import load_dataset, split_dataset
     from .distributed import Dist
-    from .train import evaluate
+    from .loop import evaluate
 
     model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
     config = info["config"] or {}
@@ -289,8 +290,6 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

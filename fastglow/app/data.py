@@ -17,14 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError, one_line
+
 DIGITS_LEVELS = 17  # pixel values 0..16
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 NPZ_DEFAULT_KEY = "images"
-
-
-class InputError(Exception):
-    """Bad user input (a file, a flag, a data set): the message names it; the CLI prints it on one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +88,7 @@ def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.nda
             with Image.open(f) as im:
                 width, height, mode = im.width, im.height, im.mode
         except Exception as err:  # noqa: BLE001 - Pillow raises many types for a broken file
-            raise InputError(f"{f}: cannot read image ({_one_line(err)})") from None
+            raise InputError(f"{f}: cannot read image ({one_line(err)})") from None
         if min(width, height) < img_size:
             raise InputError(f"{f}: image is {width}x{height}, smaller than --img-size {img_size}")
         modes.append(mode)
@@ -115,7 +113,7 @@ def read_image(path, img_size: int, channels: int) -> np.ndarray:
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read image ({_one_line(err)})") from None
+        raise InputError(f"{path}: cannot read image ({one_line(err)})") from None
     pixels = np.asarray(pixels, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -146,7 +144,7 @@ def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | 
     except InputError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: cannot read .npz ({_one_line(err)})") from None
+        raise InputError(f"{path}: cannot read .npz ({one_line(err)})") from None
     if arr.dtype != np.uint8:
         raise InputError(f"{path}: array {key!r} has dtype {arr.dtype}, expected uint8 images")
     if arr.ndim == 3:
@@ -179,11 +177,6 @@ def _refit(chw: np.ndarray, img_size: int) -> np.ndarray:
     im = Image.fromarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
     out = np.asarray(fit_image(im, img_size), dtype=np.uint8)
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------

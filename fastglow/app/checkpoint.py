@@ -28,15 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import InputError, _one_line
+from .. import Glow
+from .errors import CheckpointError, one_line
 
 FORMAT = "fastglow-checkpoint"
 VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-
-
-class CheckpointError(InputError):
-    """A checkpoint that cannot be read or does not fit: the message names the file and the problem."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,7 +108,7 @@ def load_file(path) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, wrong format: all "corrupt"
         raise CheckpointError(f"{path}: not a readable checkpoint, the file is corrupt or truncated "
-                              f"({_one_line(err)})") from None
+                              f"({one_line(err)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state_dict or a fastglow checkpoint")
     return obj
@@ -228,8 +225,6 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
     n_bins (from the config, or 2**n_bits, default 5 bits) and the run's config (None for a bare state_dict).
     """
-    from .model import Glow
-
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
     state = ckpt["model"] if config is not None else ckpt
@@ -254,7 +249,7 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CheckpointError(f"{path}: does not fit a Glow of that shape ({_one_line(err)})") from None
+        raise CheckpointError(f"{path}: does not fit a Glow of that shape ({one_line(err)})") from None
     if img_size % 2 ** shape["n_block"]:
         raise CheckpointError(f"{path}: --img-size {img_size} is not a multiple of 2**n_block = "
                               f"{2 ** shape['n_block']}")

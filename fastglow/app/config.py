@@ -1,0 +1,71 @@
+"""A training run's settings (:class:`TrainConfig`), and how given options, defaults and a resumed
+checkpoint's settings combine into them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from .errors import InputError
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """A run's settings; the fields resolved from the data (img_size, channels, test_fraction, n_bins)
+    are filled in by the training loop and stored in every checkpoint."""
+    out: str = "runs/glow"
+    data: str = "digits"
+    img_size: int | None = None
+    channels: int | None = None
+    n_bits: int | None = None
+    npz_key: str | None = None
+    test_fraction: float | None = None
+    split_seed: int = 0
+    n_flow: int = 16
+    n_block: int = 2
+    hidden: int = 16
+    affine: bool = True
+    conv_lu: bool = True
+    reversible: bool = True
+    backend: str = "auto"
+    batch: int = 64
+    lr: float = 2e-3
+    warmup: int = 100
+    cooldown: int = 1000
+    steps: int = 2000
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 500
+    ckpt_every: int = 500
+    keep: int = 3
+    log_every: int = 10
+    temperature: float = 0.7
+    n_sample: int = 64
+    zoom: int = 1
+    max_bad_steps: int = 10
+    eval_batch: int = 512
+    progress: bool = True
+    threads: int | None = None
+    cuda_graph: bool = False
+    n_bins: int | None = None
+
+
+# Settings that define the run (data, model, data order); a resume must not change them.
+FIXED_ON_RESUME = ("data", "img_size", "channels", "n_bits", "npz_key", "test_fraction", "split_seed",
+                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "batch", "seed")
+
+
+def resolve_config(options: dict, saved: dict | None, where: str = "") -> TrainConfig:
+    """Options given (None = not given) over the defaults; when resuming, over the checkpoint's config,
+    refusing a change to anything in FIXED_ON_RESUME."""
+    given = {k: v for k, v in options.items() if v is not None}
+    if given.get("data") not in (None, "digits"):
+        given["data"] = str(Path(given["data"]).resolve())
+    if saved is None:
+        return TrainConfig(**given)
+    for key in FIXED_ON_RESUME:
+        if key in given and given[key] != saved.get(key):
+            raise InputError(f"{where}: the run was started with {key}={saved.get(key)!r}; cannot resume it "
+                             f"with {key}={given[key]!r} (use another --out for a new run)")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given})

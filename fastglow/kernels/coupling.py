@@ -1,0 +1,156 @@
+"""The coupling combine of a flow step: backward kernel (rebuilding the coupling input from its output),
+launcher, and the autograd Functions of the coupling alone and of the coupling fused with the next step's
+channel mix (the forward kernel is :mod:`.flow_step`'s).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from .channel_mix import channel_mix_backward
+from .flow_step import check_coupling, check_tensor, coupling_mix_forward, pixel_block, pow2, sigmoid_parts
+
+
+@triton.jit
+def _coupling_bwd_kernel(
+    out_ptr, gout_ptr, h_ptr, zs_ptr, gld_ptr, y_ptr, gy_ptr, gh_ptr, gzs_ptr,
+    C, P, HALF, N_PB,
+    AFFINE: tl.constexpr, HAS_GLD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """From the coupling output and its gradient: recompute the input y, and give dy, d h_raw, partial d zscale."""
+    pid_p = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_H)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mj = offs_j < HALF
+    mp = offs_p < P
+    mask = mj[:, None] & mp[None, :]
+    a_off = b * C * P + offs_j[:, None] * P + offs_p[None, :]  # a-half; b-half is + HALF * P
+    b_off = a_off + HALF * P
+    tl.store(y_ptr + a_off, tl.load(out_ptr + a_off, mask=mask, other=0.0), mask=mask)
+    tl.store(gy_ptr + a_off, tl.load(gout_ptr + a_off, mask=mask, other=0.0), mask=mask)
+    ob = tl.load(out_ptr + b_off, mask=mask, other=0.0)
+    gob = tl.load(gout_ptr + b_off, mask=mask, other=0.0)
+    part_row = gzs_ptr + (b * N_PB + pid_p) * (2 * HALF if AFFINE else HALF)
+
+    if AFFINE:
+        h_off = b * (2 * HALF) * P + offs_j[:, None] * P + offs_p[None, :]
+        zs_s = tl.load(zs_ptr + offs_j, mask=mj, other=0.0)
+        zs_t = tl.load(zs_ptr + HALF + offs_j, mask=mj, other=0.0)
+        es = tl.exp(3.0 * zs_s)[:, None]
+        et = tl.exp(3.0 * zs_t)[:, None]
+        raw_s = tl.load(h_ptr + h_off, mask=mask, other=0.0)
+        raw_t = tl.load(h_ptr + h_off + HALF * P, mask=mask, other=0.0)
+        log_s = raw_s * es
+        t = raw_t * et
+        s, _logsig, one_minus_s = sigmoid_parts(log_s + 2.0)
+        tl.store(y_ptr + b_off, ob / s - t, mask=mask)
+        g_t = gob * s  # = d y_b
+        tl.store(gy_ptr + b_off, g_t, mask=mask)
+        g_log_s = gob * ob * one_minus_s  # (y_b + t) s (1 - s) = y_b' (1 - s)
+        if HAS_GLD:
+            g_log_s += tl.load(gld_ptr + b) * one_minus_s
+        g_log_s = tl.where(mask, g_log_s, 0.0)
+        g_t = tl.where(mask, g_t, 0.0)
+        tl.store(gh_ptr + h_off, g_log_s * es, mask=mask)
+        tl.store(gh_ptr + h_off + HALF * P, g_t * et, mask=mask)
+        tl.store(part_row + offs_j, tl.sum(g_log_s * log_s, axis=1) * 3.0, mask=mj)
+        tl.store(part_row + HALF + offs_j, tl.sum(g_t * t, axis=1) * 3.0, mask=mj)
+    else:
+        h_off = b * HALF * P + offs_j[:, None] * P + offs_p[None, :]
+        e = tl.exp(3.0 * tl.load(zs_ptr + offs_j, mask=mj, other=0.0))[:, None]
+        raw = tl.load(h_ptr + h_off, mask=mask, other=0.0)
+        tl.store(y_ptr + b_off, ob - raw * e, mask=mask)
+        tl.store(gy_ptr + b_off, gob, mask=mask)
+        tl.store(gh_ptr + h_off, gob * e, mask=mask)
+        tl.store(part_row + offs_j, tl.sum(gob * raw * e, axis=1) * 3.0, mask=mj)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Host launcher
+# ----------------------------------------------------------------------------------------------
+def coupling_backward(out, grad_out, h_raw, zscale, grad_logdet=None, *, affine: bool):
+    """Backward of ``coupling_combine`` from its output: returns (y, grad_y, grad_h_raw, grad_zscale).
+
+    y is the recomputed coupling input (uncombine of ``out``). grad_y's a-half is grad_out's a-half only (the
+    path through the coupling network is added by autograd outside). Affine: dy_b = g s, dt = g s,
+    dlog_s = g y_b' (1 - s) + grad_logdet[b] (1 - s); then d h_raw = dh exp(3 zs), d zs = sum_{b,p} dh h 3.
+    """
+    out = check_tensor("out", out, dim=4)
+    grad_out = check_tensor("grad_out", grad_out, out.dtype, out.device, 4)
+    if grad_out.shape != out.shape:
+        raise ValueError(f"grad_out shape {tuple(grad_out.shape)} != out shape {tuple(out.shape)}")
+    zshape = zscale.shape if isinstance(zscale, torch.Tensor) else None
+    h_raw, zs = check_coupling(out, h_raw, zscale, affine)
+    b, c, hh, ww = out.shape
+    if grad_logdet is not None:
+        grad_logdet = check_tensor("grad_logdet", grad_logdet, out.dtype, out.device).reshape(-1)
+        if grad_logdet.numel() != b:
+            raise ValueError(f"grad_logdet must have {b} elements, got {grad_logdet.numel()}")
+    p, half, c_h = hh * ww, c // 2, zs.numel()
+    block_h = pow2(half, lo=1)
+    block_p = pixel_block(p, block_h, budget=4096)
+    n_pb = triton.cdiv(p, block_p)
+    y, grad_y, grad_h = torch.empty_like(out), torch.empty_like(out), torch.empty_like(h_raw)
+    part = out.new_zeros((b * n_pb, c_h))
+    if b * p > 0:
+        _coupling_bwd_kernel[(n_pb, b)](
+            out, grad_out, h_raw, zs, grad_logdet if grad_logdet is not None and affine else out,
+            y, grad_y, grad_h, part, c, p, half, n_pb,
+            AFFINE=bool(affine), HAS_GLD=grad_logdet is not None and bool(affine),
+            BLOCK_H=block_h, BLOCK_P=block_p,
+        )
+    return y, grad_y, grad_h, part.sum(0).reshape(zshape)
+
+
+# ----------------------------------------------------------------------------------------------
+# autograd Functions
+# ----------------------------------------------------------------------------------------------
+class CouplingFunction(torch.autograd.Function):
+    """out = cat(y_a, combine(y_b, h_raw * exp(3 zscale))), logdet [B]; backward recomputes y from out."""
+
+    @staticmethod
+    def forward(ctx, y, h_raw, zscale, affine: bool):
+        _, out, logdet = coupling_mix_forward(y, h_raw, zscale, affine=affine)
+        ctx.affine = affine
+        ctx.save_for_backward(out, h_raw, zscale)
+        return out, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, grad_logdet):
+        out, h_raw, zscale = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        _, grad_y, grad_h, grad_zs = coupling_backward(out, grad_out, h_raw, zscale, grad_logdet, affine=ctx.affine)
+        return grad_y, grad_h, grad_zs, None
+
+
+class CouplingMixFunction(torch.autograd.Function):
+    """Coupling of step k fused with the ActNorm + 1x1 mix of step k+1 in one pass:
+    out = mix_weight @ cat(y_a, combine(y_b, h)) + mix_bias, logdet [B]. The coupled tensor is written only
+    when a gradient will need it."""
+
+    @staticmethod
+    def forward(ctx, y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool):
+        mixed, coupled, logdet = coupling_mix_forward(y, h_raw, zscale, mix_weight, mix_bias, affine=affine,
+                                                      store_coupled=store)
+        ctx.affine = affine
+        if store:
+            ctx.save_for_backward(coupled, h_raw, zscale, mix_weight)
+        return mixed, logdet
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_mixed, grad_logdet):
+        coupled, h_raw, zscale, mix_weight = ctx.saved_tensors
+        if grad_mixed is None:
+            grad_mixed = torch.zeros_like(coupled)
+        _, grad_coupled, grad_w, grad_b = channel_mix_backward(None, grad_mixed, mix_weight, x=coupled)
+        _, grad_y, grad_h, grad_zs = coupling_backward(coupled, grad_coupled, h_raw, zscale, grad_logdet,
+                                                       affine=ctx.affine)
+        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None
