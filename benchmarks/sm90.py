@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -100,6 +102,7 @@ def _ptxas_verbose(ptx: str, arch: int, fp_fusion: bool) -> str:
 def compile_spec(spec: dict, arch: int = 90) -> dict:
     """Compile one specialisation for sm_``arch``; -> registers, spills, shared memory (or ``error``)."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.compiler import ASTSource
@@ -109,10 +112,14 @@ def compile_spec(spec: dict, arch: int = 90) -> dict:
     attrs = {(int(i),): backend.parse_attr(a) for i, a in spec["attrs"].items()}
     src = ASTSource(fn=fn, signature=spec["signature"], constexprs=spec["constexprs"], attrs=attrs)
     t0 = time.perf_counter()
+    log = io.StringIO()
     try:
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
-        out = parse_ptxas(_ptxas_verbose(k.asm["ptx"], arch, k.metadata.enable_fp_fusion))
+        with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # Triton's own ptxas -v run prints its report
+            k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                               options=dict(num_warps=spec["num_warps"], num_stages=spec["num_stages"]))
+        report = log.getvalue() if "Used" in log.getvalue() else None  # None: Triton's cache had the cubin
+        out = parse_ptxas(report or _ptxas_verbose(k.asm["ptx"], arch, k.metadata.enable_fp_fusion))
     except Exception as e:  # noqa: BLE001 -- a compile error is a result the gate reports
         return dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}",
                     compile_s=time.perf_counter() - t0)
