@@ -47,6 +47,7 @@ SHAPES = (
     ModelShape("celeba256-affine", 256, 6, True, 16),
 )
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+MIX_PRECISIONS = {"float32": ("ieee", "tf32x3"), "float64": ("ieee",)}  # fastglow.Glow(mix_precision=...)
 
 
 @dataclass(frozen=True)
@@ -215,15 +216,17 @@ def _run_phases(model, rec: Recorder, x: torch.Tensor) -> None:
 
 
 def capture(shape: ModelShape, dtype: str, *, execute: bool = False, batch: int | None = None,
-            n_flow: int | None = None, hidden: int | None = None) -> list[Launch]:
-    """All launches of every phase of ``shape`` in ``dtype``. Shape-only (``execute=False``): the real
-    batch, K and width. Executed: batch 1, K=2 and the real width unless given."""
+            n_flow: int | None = None, hidden: int | None = None, mix_precision: str = "ieee") -> list[Launch]:
+    """All launches of every phase of ``shape`` in ``dtype`` with the 1x1 mix in ``mix_precision``.
+    Shape-only (``execute=False``): the real batch, K and width. Executed: batch 1, K=2 and the real width
+    unless given."""
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         raise RuntimeError("capture() needs TRITON_INTERPRET=1 set before triton is first imported")
     torch_dtype = DTYPES[dtype]
     if not execute and (batch, n_flow, hidden) != (None, None, None):
         raise ValueError("the shape-only capture runs the real batch, K and width")
     model = _model(shape, torch_dtype, execute, n_flow or 2, hidden or shape.hidden)
+    model.mix_precision = mix_precision
     b = batch or (1 if execute else shape.batch)
     device = "cpu" if execute else "meta"
     x = torch.rand(b, shape.in_channel, shape.img, shape.img, dtype=torch_dtype, device=device) - 0.5
@@ -235,5 +238,7 @@ def capture(shape: ModelShape, dtype: str, *, execute: bool = False, batch: int 
 
 def capture_all(*, execute: bool = False, batch: int | None = None, n_flow: int | None = None,
                 hidden: int | None = None, shapes=SHAPES, dtypes=tuple(DTYPES)) -> list[Launch]:
-    return [launch for s in shapes for d in dtypes
-            for launch in capture(s, d, execute=execute, batch=batch, n_flow=n_flow, hidden=hidden)]
+    """Every shape, dtype and mix precision."""
+    return [launch for s in shapes for d in dtypes for prec in MIX_PRECISIONS[d]
+            for launch in capture(s, d, execute=execute, batch=batch, n_flow=n_flow, hidden=hidden,
+                                  mix_precision=prec)]

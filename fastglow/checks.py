@@ -9,6 +9,7 @@ from .reference import z_shapes
 
 BACKENDS = ("auto", "eager", "triton")
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
+MIX_PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precision of the Triton 1x1 mix (float32; float64 is ieee)
 
 
 def _positive_int(name: str, value) -> None:
@@ -30,8 +31,10 @@ def check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_execution_options(autocast_dtype, channels_last, validate) -> None:
+def check_execution_options(autocast_dtype, channels_last, validate, mix_precision="ieee") -> None:
     """Validate the Glow constructor's execution options (how it runs, not what it computes)."""
+    if mix_precision not in MIX_PRECISIONS:
+        raise ValueError(f"mix_precision must be one of {MIX_PRECISIONS}, got {mix_precision!r}")
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES}, got {autocast_dtype!r}")
     for name, value in (("channels_last", channels_last), ("validate", validate)):

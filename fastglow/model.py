@@ -22,20 +22,23 @@ class Glow(reference.Glow):
     ``autocast_dtype`` (torch.bfloat16 or torch.float16: the coupling networks run under autocast, the flow
     maths - ActNorm, the 1x1 mix, the coupling combine, logdet, LU, priors - in the parameters' dtype),
     ``channels_last`` (the coupling networks' weights and inputs in channels_last memory format) and
-    ``validate`` (False: skip the input's NaN/Inf check, the one host sync of a training step).
+    ``validate`` (False: skip the input's NaN/Inf check, the one host sync of a training step) and
+    ``mix_precision`` (the Triton 1x1 mix in float32: "ieee", exact, or "tf32x3", three TF32 tensor-core
+    products, ~float32 accuracy; benchmarks/RESULTS.md has its emulated effect).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
                  reversible: bool = True, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, validate: bool = True):
+                 channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee"):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
-        check_execution_options(autocast_dtype, channels_last, validate)
+        check_execution_options(autocast_dtype, channels_last, validate, mix_precision)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
                          hidden_channels=hidden_channels)
         self.backend = backend
         self.reversible = reversible
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
+        self.mix_precision = mix_precision
         for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
             coupling.net_autocast, coupling.net_channels_last = autocast_dtype, channels_last
             if channels_last:
@@ -64,7 +67,7 @@ class Glow(reference.Glow):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
             return super().forward(x)
-        backend = select_backend(self.backend, x)
+        backend = select_backend(self.backend, x, self.mix_precision)
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
@@ -90,7 +93,7 @@ class Glow(reference.Glow):
             return self._reverse(z_list, reconstruct)
 
     def _reverse(self, z_list, reconstruct: bool) -> torch.Tensor:
-        backend = select_backend(self.backend, z_list[-1])
+        backend = select_backend(self.backend, z_list[-1], self.mix_precision)
         x = z_list[-1]
         for block, z in zip(self.blocks[::-1], z_list[::-1]):
             x = block.merge(x, z, reconstruct=reconstruct)

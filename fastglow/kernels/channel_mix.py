@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .flow_step import check_mix, check_tensor, launch_forward
+from .flow_step import check_mix, check_tensor, dot_precision, launch_forward
 from .tiling import mix_tiles, weight_grad_tiles
 
 
@@ -23,6 +23,7 @@ def _channel_mix_bwd_kernel(
     y_ptr, gy_ptr, w_ptr, winv_ptr, binv_ptr, x_ptr, gx_ptr,
     C_IN, C_OUT, P,
     RECOMPUTE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
     """y = M x + m (M, m: mix_weight, mix_bias). Program (i, q, b), input channels i-block, pixels q-block of
     sample b, summing over chunks of BLOCK_K output channels o: dx = sum_o M[o, i]^T dy[o] and (RECOMPUTE)
@@ -42,12 +43,12 @@ def _channel_mix_bwd_kernel(
         o_off = b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :]
         g = tl.load(gy_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
         w_t = tl.load(w_ptr + offs_o[None, :] * C_IN + offs_i[:, None], mask=mi[:, None] & mo[None, :], other=0.0)
-        gx = tl.dot(w_t, g, gx, input_precision="ieee")
+        gx = tl.dot(w_t, g, gx, input_precision=INPUT_PRECISION)
         if RECOMPUTE:
             y = tl.load(y_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
             winv = tl.load(winv_ptr + offs_i[:, None] * C_OUT + offs_o[None, :], mask=mi[:, None] & mo[None, :],
                            other=0.0)
-            x = tl.dot(winv, y, x, input_precision="ieee")
+            x = tl.dot(winv, y, x, input_precision=INPUT_PRECISION)
     mask = mi[:, None] & mp[None, :]
     i_off = b * C_IN * P + offs_i[:, None] * P + offs_p[None, :]
     tl.store(gx_ptr + i_off, gx, mask=mask)
@@ -59,7 +60,7 @@ def _channel_mix_bwd_kernel(
 def _channel_mix_wgrad_kernel(
     gy_ptr, x_ptr, gw_ptr, gb_ptr,
     C_IN, C_OUT, P, N_PB, N_TILES, TILES_PER_PROGRAM,
-    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (o, i, s): partial s of dM[o-block, i-block] = sum dy x^T and (i == 0) of dm[o-block] = sum dy,
     over the (sample, pixel-block) tiles s * TILES_PER_PROGRAM ... of the B x N_PB tiles."""
@@ -81,7 +82,7 @@ def _channel_mix_wgrad_kernel(
                     other=0.0)
         x = tl.load(x_ptr + b * C_IN * P + offs_i[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
                     other=0.0)
-        gw = tl.dot(g, tl.trans(x), gw, input_precision="ieee")
+        gw = tl.dot(g, tl.trans(x), gw, input_precision=INPUT_PRECISION)
         gb += tl.sum(g, axis=1)
     tl.store(gw_ptr + pid_s * C_OUT * C_IN + offs_o[:, None] * C_IN + offs_i[None, :], gw,
              mask=mo[:, None] & mi[None, :])
@@ -92,17 +93,19 @@ def _channel_mix_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------
-def channel_mix_forward(x: torch.Tensor, mix_weight: torch.Tensor, mix_bias: torch.Tensor | None = None):
-    """out[b, :, p] = mix_weight @ x[b, :, p] + mix_bias, exact (no TF32).
+def channel_mix_forward(x: torch.Tensor, mix_weight: torch.Tensor, mix_bias: torch.Tensor | None = None,
+                        input_precision: str = "ieee"):
+    """out[b, :, p] = mix_weight @ x[b, :, p] + mix_bias, exact ("ieee") or "tf32x3" (:func:`.dot_precision`).
     x: (B, C_in, H, W), mix_weight: (C_out, C_in)."""
     x = check_tensor("x", x, dim=4)
     mix_weight, mix_bias = check_mix(mix_weight, mix_bias, x.shape[1], x)
     mixed, _, _ = launch_forward(x, None, None, mix_weight, mix_bias, coupling=False, inverse=False,
-                                 affine=False, store_coupled=False)
+                                 affine=False, store_coupled=False, input_precision=input_precision)
     return mixed
 
 
-def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_inv=None, x=None):
+def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_inv=None, x=None,
+                         input_precision: str = "ieee"):
     """Backward of y = mix_weight @ x + mix_bias per pixel: returns (x, grad_x, grad_mix_weight, grad_mix_bias).
 
     With ``x`` None the input is recomputed as x = mix_weight_inv @ y + mix_bias_inv (reversible backprop).
@@ -134,6 +137,7 @@ def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_in
         if tuple(x.shape) != (b, c_in, hh, ww):
             raise ValueError(f"x must have shape {(b, c_in, hh, ww)}, got {tuple(x.shape)}")
     p = hh * ww
+    precision = dot_precision(input_precision, grad_y.dtype)
     grad_x = grad_y.new_empty((b, c_in, hh, ww))
     tiles = mix_tiles(c_in, b, p, grad_y.dtype, accumulators=2 if recompute else 1)
     wg = weight_grad_tiles(c_in, c_out, b, p, grad_y.dtype)
@@ -144,11 +148,12 @@ def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_in
             y if recompute else grad_y, grad_y, mix_weight, mix_weight_inv if recompute else mix_weight,
             mix_bias_inv if recompute else mix_weight, x, grad_x, c_in, c_out, p,
             RECOMPUTE=recompute, BLOCK_I=tiles.block_rows, BLOCK_K=tiles.block_k, BLOCK_P=tiles.block_p,
-            num_warps=tiles.num_warps,
+            INPUT_PRECISION=precision, num_warps=tiles.num_warps,
         )
         _channel_mix_wgrad_kernel[wg.grid](
             grad_y, x, gw, gb, c_in, c_out, p, wg.n_pix, b * wg.n_pix, wg.tiles_per_program,
-            BLOCK_O=wg.block_o, BLOCK_I=wg.block_i, BLOCK_P=wg.block_p, num_warps=wg.num_warps,
+            BLOCK_O=wg.block_o, BLOCK_I=wg.block_i, BLOCK_P=wg.block_p, INPUT_PRECISION=precision,
+            num_warps=wg.num_warps,
         )
     return x, grad_x, gw.sum(0), gb.sum(0)
 
@@ -157,16 +162,18 @@ def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_in
 # autograd Function
 # ----------------------------------------------------------------------------------------------
 class ChannelMixFunction(torch.autograd.Function):
-    """out = mix_weight @ x + mix_bias per pixel (ActNorm + 1x1 conv folded), exact float32."""
+    """out = mix_weight @ x + mix_bias per pixel (ActNorm + 1x1 conv folded), "ieee" (exact) or "tf32x3"."""
 
     @staticmethod
-    def forward(ctx, x, mix_weight, mix_bias):
+    def forward(ctx, x, mix_weight, mix_bias, input_precision: str = "ieee"):
         ctx.save_for_backward(x, mix_weight)
-        return channel_mix_forward(x, mix_weight, mix_bias)
+        ctx.input_precision = input_precision
+        return channel_mix_forward(x, mix_weight, mix_bias, input_precision)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, mix_weight = ctx.saved_tensors
-        _, grad_x, grad_w, grad_b = channel_mix_backward(None, grad_out, mix_weight, x=x)
-        return grad_x, grad_w, grad_b
+        _, grad_x, grad_w, grad_b = channel_mix_backward(None, grad_out, mix_weight, x=x,
+                                                         input_precision=ctx.input_precision)
+        return grad_x, grad_w, grad_b, None

@@ -138,10 +138,10 @@ class CouplingMixFunction(torch.autograd.Function):
     when a gradient will need it."""
 
     @staticmethod
-    def forward(ctx, y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool):
+    def forward(ctx, y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool, input_precision: str = "ieee"):
         mixed, coupled, logdet = coupling_mix_forward(y, h_raw, zscale, mix_weight, mix_bias, affine=affine,
-                                                      store_coupled=store)
-        ctx.affine = affine
+                                                      store_coupled=store, input_precision=input_precision)
+        ctx.affine, ctx.input_precision = affine, input_precision
         if store:
             ctx.save_for_backward(coupled, h_raw, zscale, mix_weight)
         return mixed, logdet
@@ -152,7 +152,8 @@ class CouplingMixFunction(torch.autograd.Function):
         coupled, h_raw, zscale, mix_weight = ctx.saved_tensors
         if grad_mixed is None:
             grad_mixed = torch.zeros_like(coupled)
-        _, grad_coupled, grad_w, grad_b = channel_mix_backward(None, grad_mixed, mix_weight, x=coupled)
+        _, grad_coupled, grad_w, grad_b = channel_mix_backward(None, grad_mixed, mix_weight, x=coupled,
+                                                               input_precision=ctx.input_precision)
         _, grad_y, grad_h, grad_zs = coupling_backward(coupled, grad_coupled, h_raw, zscale, grad_logdet,
                                                        affine=ctx.affine)
-        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None
+        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None, None

@@ -13,7 +13,9 @@ Maths (h = h_raw * exp(3 * zscale), halves y_a = y[:, :C/2], y_b = y[:, C/2:]):
     affine coupling  log_s, t = h[:, :C/2], h[:, C/2:];  s = sigmoid(log_s + 2)
                      combine   y_b' = (y_b + t) s,  logdet[b] = sum_{c,p} log s;   uncombine  y_b = y_b' / s - t
     additive         y_b' = y_b + h  (logdet 0);                                   uncombine  y_b = y_b' - h
-The channel mix is exact (``tl.dot(..., input_precision="ieee")``, never TF32) so steps invert to rounding.
+The channel mix is exact by default (``tl.dot(..., input_precision="ieee")``, never plain TF32, which breaks
+invertibility); ``input_precision="tf32x3"`` (float32 only: three TF32 tensor-core products, ~float32 accuracy,
+see benchmarks/tf32_emulation.py) is an option until a GPU run decides. float64 always runs "ieee".
 Reductions (logdet, d zscale, d mix_weight, d mix_bias) write one partial per program into a buffer that torch
 sums afterwards: deterministic, no atomics; they accumulate in the input dtype (float32, or float64).
 """
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..checks import MIX_PRECISIONS
 from .tiling import elementwise_tiles, mix_tiles
 
 DTYPES = (torch.float32, torch.float64)
@@ -89,7 +92,7 @@ def _flow_step_fwd_kernel(
     C, C_OUT, P, HALF, N_PB,
     HAS_COUPLING: tl.constexpr, INVERSE: tl.constexpr, AFFINE: tl.constexpr, HAS_MIX: tl.constexpr,
     STORE_COUPLED: tl.constexpr, LOGDET: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Program (o, q, b): coupled = combine/uncombine(x, h) (or x) over chunks of BLOCK_C channels of pixel
     block q of sample b; mixed[o-block] = sum over chunks mix_weight[o-block, chunk] @ coupled[chunk] + mix_bias.
@@ -117,7 +120,7 @@ def _flow_step_fwd_kernel(
         if HAS_MIX:
             w = tl.load(w_ptr + offs_o[:, None] * C + offs_c[None, :], mask=mo[:, None] & (offs_c < C)[None, :],
                         other=0.0)
-            acc = tl.dot(w, x, acc, input_precision="ieee")
+            acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
     if LOGDET:
         if first:
             tl.store(ld_ptr + b * N_PB + pid_p, tl.sum(ld, axis=0))
@@ -130,6 +133,13 @@ def _flow_step_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host helpers and launcher
 # ----------------------------------------------------------------------------------------------
+def dot_precision(input_precision: str, dtype: torch.dtype) -> str:
+    """The ``tl.dot`` input precision of the mix: one of MIX_PRECISIONS; float64 runs "ieee" whatever is asked."""
+    if input_precision not in MIX_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {MIX_PRECISIONS}, got {input_precision!r}")
+    return input_precision if dtype == torch.float32 else "ieee"
+
+
 def check_tensor(name, t, dtype=None, device=None, dim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -170,13 +180,15 @@ def check_coupling(y, h_raw, zscale, affine):
     return h_raw, zscale.reshape(-1)
 
 
-def launch_forward(x, h_raw, zscale, mix_weight, mix_bias, *, coupling, inverse, affine, store_coupled):
+def launch_forward(x, h_raw, zscale, mix_weight, mix_bias, *, coupling, inverse, affine, store_coupled,
+                   input_precision="ieee"):
     """Launch :func:`_flow_step_fwd_kernel` on checked operands: -> (mixed, coupled, logdet [B] or None)."""
     b, c, hh, ww = x.shape
     p = hh * ww
     has_mix = mix_weight is not None
     c_out = mix_weight.shape[0] if has_mix else c
     logdet = coupling and affine and not inverse
+    precision = dot_precision(input_precision, x.dtype) if has_mix else "ieee"  # no dot: one specialisation
     tiles = mix_tiles(c_out, b, p, x.dtype) if has_mix else elementwise_tiles(c, b, p, x.dtype, rows_in_grid=False)
     mixed = x.new_empty((b, c_out, hh, ww)) if has_mix else None
     coupled = x.new_empty(x.shape) if store_coupled else None
@@ -188,13 +200,14 @@ def launch_forward(x, h_raw, zscale, mix_weight, mix_bias, *, coupling, inverse,
             c, c_out, p, c // 2, tiles.n_pix,
             HAS_COUPLING=coupling, INVERSE=inverse, AFFINE=affine, HAS_MIX=has_mix,
             STORE_COUPLED=store_coupled, LOGDET=logdet,
-            BLOCK_C=tiles.block_k, BLOCK_O=tiles.block_rows, BLOCK_P=tiles.block_p, num_warps=tiles.num_warps,
+            BLOCK_C=tiles.block_k, BLOCK_O=tiles.block_rows, BLOCK_P=tiles.block_p,
+            INPUT_PRECISION=precision, num_warps=tiles.num_warps,
         )
     return mixed, coupled, (ld.sum(1) if logdet else None)
 
 
 def coupling_mix_forward(y, h_raw, zscale, mix_weight=None, mix_bias=None, *, affine: bool, inverse: bool = False,
-                         store_coupled: bool = False):
+                         store_coupled: bool = False, input_precision: str = "ieee"):
     """Coupling (combine, or uncombine if ``inverse``) of y with h = h_raw * exp(3 zscale), then optionally the
     channel mix ``mix_weight @ coupled + mix_bias`` in the same pass.
 
@@ -209,7 +222,8 @@ def coupling_mix_forward(y, h_raw, zscale, mix_weight=None, mix_bias=None, *, af
         raise ValueError("mix_bias given without mix_weight")
     mixed, coupled, logdet = launch_forward(y, h_raw, zscale, mix_weight, mix_bias, coupling=True,
                                             inverse=bool(inverse), affine=bool(affine),
-                                            store_coupled=bool(store_coupled) or mix_weight is None)
+                                            store_coupled=bool(store_coupled) or mix_weight is None,
+                                            input_precision=input_precision)
     if logdet is None and not inverse:
         logdet = y.new_zeros(y.shape[0])
     return mixed, coupled, logdet

@@ -116,7 +116,7 @@ def weight_grad_tiles(c_in: int, c_out: int, b: int, p: int, dtype: torch.dtype)
     acc = ACC_PER_THREAD[dtype] * 32 * 4
     block_o = chunk(c_out, max(16, int(acc ** 0.5)))
     block_i = chunk(c_in, max(16, acc // block_o))
-    block_p = max(16, min(pow2(p), 64))
+    block_p = max(16, min(pow2(p), 32))  # the dot's K: its operands (tf32x3 splits them in two) stay small
     n_o, n_i, n_pix = triton.cdiv(c_out, block_o), triton.cdiv(c_in, block_i), triton.cdiv(p, block_p)
     tiles = b * n_pix
     split = min(tiles, triton.cdiv(MIN_PROGRAMS, n_o * n_i), max(1, b * p // (4 * c_in)))
