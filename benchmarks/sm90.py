@@ -146,7 +146,8 @@ def compile_all(specs: list[dict], arch: int = 90, cache_dir: Path = CACHE_DIR, 
         return list(pool.map(_cached_compile, specs, [arch] * len(specs), [Path(cache_dir)] * len(specs)))
 
 
-def run_subprocess(specs: list[dict], arch: int = 90, cache_dir: Path = CACHE_DIR, timeout: float | None = None) -> list[dict]:
+def run_subprocess(specs: list[dict], arch: int = 90, cache_dir: Path = CACHE_DIR,
+                   timeout: float | None = None) -> list[dict]:
     """:func:`compile_all` in a fresh interpreter without ``TRITON_INTERPRET`` (callers run under it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .flow_step import check_mix, check_tensor, dot_precision, launch_forward
-from .tiling import mix_tiles, weight_grad_tiles
+from .tiling import grid_tile, mix_tiles, weight_grad_tiles
 
 
 @triton.jit
@@ -28,13 +28,7 @@ def _channel_mix_bwd_kernel(
     """y = M x + m (M, m: mix_weight, mix_bias). Program (i, q, b), input channels i-block, pixels q-block of
     sample b, summing over chunks of BLOCK_K output channels o: dx = sum_o M[o, i]^T dy[o] and (RECOMPUTE)
     x = sum_o M_inv[i, o] y[o] + m_inv[i]."""
-    pid_i = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mi = offs_i < C_IN
-    mp = offs_p < P
+    b, _, _, offs_i, mi, offs_p, mp = grid_tile(C_IN, P, BLOCK_I, BLOCK_P)
     gx = tl.zeros((BLOCK_I, BLOCK_P), dtype=gy_ptr.dtype.element_ty)
     x = tl.zeros((BLOCK_I, BLOCK_P), dtype=gy_ptr.dtype.element_ty)
     for o0 in range(0, C_OUT, BLOCK_K):

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 from .channel_mix import channel_mix_backward
 from .flow_step import check_coupling, check_tensor, coupling_mix_forward, sigmoid_parts
-from .tiling import elementwise_tiles
+from .tiling import elementwise_tiles, grid_tile
 
 
 @triton.jit
@@ -24,13 +24,7 @@ def _coupling_bwd_kernel(
     """From the coupling output and its gradient: recompute the input y, and give dy, d h_raw, partial d zscale.
     Program (j, q, b): b-half channels j*BLOCK_H.. (and the a-half channels they pair with), pixels q-block of
     sample b; its d zscale partial goes to row b * N_PB + q."""
-    pid_j = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    offs_j = pid_j * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mj = offs_j < HALF
-    mp = offs_p < P
+    b, _, pid_p, offs_j, mj, offs_p, mp = grid_tile(HALF, P, BLOCK_H, BLOCK_P)
     mask = mj[:, None] & mp[None, :]
     a_off = b * C * P + offs_j[:, None] * P + offs_p[None, :]  # a-half; b-half is + HALF * P
     b_off = a_off + HALF * P

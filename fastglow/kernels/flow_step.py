@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..checks import MIX_PRECISIONS
-from .tiling import elementwise_tiles, mix_tiles
+from .tiling import elementwise_tiles, grid_tile, mix_tiles
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -97,14 +97,8 @@ def _flow_step_fwd_kernel(
     """Program (o, q, b): coupled = combine/uncombine(x, h) (or x) over chunks of BLOCK_C channels of pixel
     block q of sample b; mixed[o-block] = sum over chunks mix_weight[o-block, chunk] @ coupled[chunk] + mix_bias.
     The o == 0 program also stores coupled (STORE_COUPLED) and the logdet partial sum log s (LOGDET)."""
-    pid_o = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    b, pid_o, pid_p, offs_o, mo, offs_p, mp = grid_tile(C_OUT, P, BLOCK_O, BLOCK_P)
     first = pid_o == 0
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mp = offs_p < P
-    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
-    mo = offs_o < C_OUT
     acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=x_ptr.dtype.element_ty)
     ld = tl.zeros((BLOCK_P,), dtype=x_ptr.dtype.element_ty)
     for c0 in range(0, C, BLOCK_C):

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 
 N_SM = 132
 MIN_PROGRAMS = 4 * N_SM
@@ -66,6 +67,18 @@ class MixTiles:
 
     def grid(self, b: int) -> tuple[int, int, int]:
         return self.n_rows, self.n_pix, b
+
+
+@triton.jit
+def grid_tile(ROWS, P, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The device side of :meth:`MixTiles.grid`: program (r, q, b) -> (b as int64, r, q, row offsets r*BLOCK_R..,
+    their mask < ROWS, pixel offsets q*BLOCK_P.., their mask < P)."""
+    pid_r = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    return b, pid_r, pid_p, offs_r, offs_r < ROWS, offs_p, offs_p < P
 
 
 def mix_tiles(rows: int, b: int, p: int, dtype: torch.dtype, accumulators: int = 1) -> MixTiles:
