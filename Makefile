@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench-gpu clean
+.PHONY: demo demo-check test bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,10 +12,19 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+# the class-conditional demo: train (resumes a finished run), then a grid with one row per digit and a morph strip
+DEMO_CKPT := runs/demo-conditional/checkpoints/step_00002000.pt
+
 demo: $(BIN)/.installed
-	$(BIN)/fastglow train --data digits --out runs/demo --resume \
+	$(BIN)/fastglow train --conditional --data digits --out runs/demo-conditional --resume \
 		--n-flow 16 --n-block 2 --hidden 16 --affine --batch 64 --lr 2e-3 --warmup 100 --cooldown 1000 \
 		--steps 2000 --seed 0 --eval-every 500 --ckpt-every 500 --zoom 4 --no-reversible --threads 1
+	$(BIN)/fastglow sample --ckpt $(DEMO_CKPT) --class all --n 10 --zoom 4 --out runs/demo-conditional/classes.png
+	$(BIN)/fastglow morph --ckpt $(DEMO_CKPT) --from 3 --to 8 --zoom 4 --out runs/demo-conditional/morph_3_to_8.png
+
+# the demo's measurements (benchmarks/RESULTS.md): its unconditional twin, sample recognition, accuracy
+demo-check: demo
+	$(BIN)/python benchmarks/conditional_demo_check.py --run runs/demo-conditional --twin runs/demo-unconditional
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
@@ -25,8 +34,7 @@ test: $(BIN)/.installed
 OUT ?= gpu-run
 BUDGET ?= 530
 bench-gpu:
-	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_run --out $(OUT) --budget $(BUDGET) \
-		$(if $(ROSINALITY),--rosinality $(ROSINALITY),)
+	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_run --out $(OUT) --budget $(BUDGET)$(if $(ROSINALITY), --rosinality $(ROSINALITY))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

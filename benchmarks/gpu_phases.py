@@ -24,6 +24,9 @@ from benchmarks.gpu_measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, attempt
 from fastglow.testing import max_rel_error, models_on_one_state, rel_error
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 class Recorder:
     """A phase's results, rewritten atomically to its JSON file after every change."""
 
@@ -94,7 +97,8 @@ def phase_env(ctx: PhaseContext) -> None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=5)
         return out.stdout.strip() or "unknown (no git)"
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git)"
@@ -107,11 +111,12 @@ def phase_tests(ctx: PhaseContext) -> None:
     log = ctx.out / "logs" / "pytest.log"
     t0 = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)  # in the phase's group
+        print(f"pytest pid {proc.pid}: {' '.join(cmd)}", flush=True)
         try:
             ctx.rec.set("exit_code", proc.wait(timeout=max(1.0, ctx.time_left() - ctx.scale.margin_s)))
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
+            proc.kill()
             proc.wait()
             ctx.rec.set("stopped", "the phase budget ran out: counts so far")
     text = log.read_text(errors="replace")
@@ -334,8 +339,42 @@ def phase_gpu_options(ctx: PhaseContext) -> None:
             ctx.rec.put("variants", name, attempt(lambda: _option_step(shape, device, ctx.scale, **options)))
 
 
+def phase_profile(ctx: PhaseContext) -> None:
+    """Where a CIFAR training step's time goes, for explaining a missed target: torch.profiler over two steps
+    (after two untimed ones) of fastglow-reversible and eager; the full table to ``profile_<impl>.txt``, the top
+    rows by self device time (CPU smoke: self CPU time) to the JSON."""
+    for impl in ("fastglow-reversible", "eager"):
+        if ctx.out_of_time():
+            ctx.rec.set("stopped", f"phase budget ran out before {impl}")
+            return
+        ctx.rec.put("impls", impl, attempt(lambda: _profile(ctx, impl)))
+
+
+def _profile(ctx: PhaseContext, impl: str, rows: int = 30) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    cuda = ctx.device.type == "cuda"
+    model, run, x = build(impl, ctx.scale.cifar, ctx.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    for _ in range(2):
+        training_step(model, run, x, optimizer)
+    sync(ctx.device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(2):
+            training_step(model, run, x, optimizer)
+        sync(ctx.device)
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    path = ctx.out / f"profile_{impl}.txt"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=rows))
+    del model, run, x, optimizer
+    free_memory()
+    return dict(file=path.name, sorted_by=key, steps=2,
+                top=[dict(name=e.key[:80], ms=getattr(e, key) / 1e3, calls=e.count) for e in events[:8]])
+
+
 def _option_step(shape, device, scale, graph=False, **options) -> dict:
-    model, _, x = build("fastglow-reversible", shape, device, validate=not graph, **options)
+    no_sync = dict(validate=False, reversible_tol=None) if graph else {}  # a captured step syncs nothing
+    model, _, x = build("fastglow-reversible", shape, device, **no_sync, **options)
     capture = graph and device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, capturable=capture)
     if graph:

@@ -178,6 +178,11 @@ def _small_sections(d: dict) -> list[str]:
         lines += _table(["variant", "median ms", "vs float32", "loss", "peak GB", "captured", "status"],
                         [[n, r.get("ms"), base / r["ms"] if base and r.get("ms") else None, r.get("loss"),
                           r.get("peak_gb"), r.get("captured"), r.get("status")] for n, r in opts.items()])
+    for impl, r in d.get("profile", {}).get("impls", {}).items():
+        if r.get("top"):
+            lines += [f"### Profile of two CIFAR training steps, {impl} (top rows by {r['sorted_by']}; the full "
+                      f"table: {r['file']})", ""]
+            lines += _table(["op or kernel", "ms", "calls"], [[t["name"], t["ms"], t["calls"]] for t in r["top"]])
     return lines
 
 

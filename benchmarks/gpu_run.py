@@ -4,9 +4,9 @@
 
 Installs nothing. With CUDA it runs the real shapes (one H100: about 9 minutes, ``--budget`` seconds at most);
 without CUDA the same phases run at tiny shapes on the CPU, the Triton kernels through the interpreter, as a
-smoke test. Every phase runs in its own process under its own time budget (cut to what is left of the total):
-one that fails, hangs or runs out of time is reported and stopped, the others go on, and what it recorded
-before stopping is kept. Under OUT: ``results.json`` (every number), ``RESULTS.md`` (a section for
+smoke test. Every phase runs in its own (forked) process group under its own time budget (cut to what is left of
+the total): one that fails, hangs or runs out of time is reported and killed, the others go on, and what it
+recorded before stopping is kept. Under OUT: ``results.json`` (every number), ``RESULTS.md`` (a section for
 benchmarks/RESULTS.md), ``train_step.png``, ``memory_vs_k.png``, ``kernels.png``, ``phase_<name>.json`` and
 ``logs/<name>.log``; on stdout, the device line and versions first and a one-screen summary last (each target,
 its measured value, met or missed). Exit status 0 when every phase produced all its numbers, else 1.
@@ -31,7 +31,6 @@ from typing import Callable
 
 from benchmarks.gpu_measure import SCALES, TRAIN_IMPLS as TRAIN
 
-REPO = Path(__file__).resolve().parents[1]
 REPORT_RESERVE_S = 8.0  # kept back from the total budget for the report
 GRACE_S = 5.0  # a phase process gets this long past its budget before it is killed
 
@@ -103,6 +102,11 @@ def _check_options(d, scale, args):
         ([] if len(variants) == 6 else ["not every variant measured"])
 
 
+def _check_profile(d, scale, args):
+    return [f"{i}: {d.get('impls', {}).get(i, {}).get('status', 'no profile')}"
+            for i in ("fastglow-reversible", "eager") if not d.get("impls", {}).get(i, {}).get("top")]
+
+
 def _compile_failed(results) -> bool:
     return results.get("train_cifar_compiled", {}).get("status") != "ok"
 
@@ -116,20 +120,22 @@ class Phase:
     needed: Callable = lambda results: True
 
 
-# Budgets: GPU (sum 525 s, the default total 530 s: 9 minutes on one H100), CPU smoke. The order is the order of
-# importance: what the total budget cuts first is at the end.
+# Budgets: GPU, CPU smoke; upper bounds (most phases end sooner), the total capped by --budget (default 530 s:
+# 9 minutes on one H100 with the report). The order is the order of importance: what the total budget cuts first
+# is at the end. train_cifar is the first phase to compile the Triton kernels at real shapes (tens of seconds).
 PHASES = (
     Phase("env", 15, 15, _check_env),
-    Phase("tests", 45, 20, _check_tests),
-    Phase("train_cifar", 60, 15, _missing_impls(lambda a: TRAIN + (("rosinality",) if a.rosinality else ()))),
+    Phase("tests", 40, 20, _check_tests),
+    Phase("train_cifar", 90, 15, _missing_impls(lambda a: TRAIN + (("rosinality",) if a.rosinality else ()))),
     Phase("train_cifar_compiled", 110, 15, _missing_impls(lambda a: ("compiled",))),
     Phase("kernels", 30, 12, _check_kernels),
-    Phase("memory_vs_k", 55, 15, _check_memory),
+    Phase("memory_vs_k", 50, 15, _check_memory),
     Phase("max_batch", 55, 15, _check_max_batch),
-    Phase("sampling", 30, 12, _check_sampling),
+    Phase("sampling", 25, 12, _check_sampling),
     Phase("accuracy", 30, 15, _check_accuracy),
-    Phase("train_celeba", 55, 15, _missing_impls(lambda a: TRAIN)),
-    Phase("gpu_options", 40, 15, _check_options),
+    Phase("train_celeba", 50, 15, _missing_impls(lambda a: TRAIN)),
+    Phase("gpu_options", 35, 15, _check_options),
+    Phase("profile", 20, 12, _check_profile),
     Phase("train_cifar_compiled_per_flow", 60, 15, _missing_impls(lambda a: ("compiled-per-flow",)),
           needed=_compile_failed),
 )
@@ -139,34 +145,68 @@ PHASES = (
 # Running the phases
 # ----------------------------------------------------------------------------------------------
 def run_phase(phase: Phase, args, scale_name: str, seconds: float) -> dict:
-    """Run one phase in its own process group for at most ``seconds`` (+ grace); -> its result record."""
+    """Run one phase in a forked child, in its own process group, for at most ``seconds`` (+ grace), then kill
+    the group (pytest, compile workers): -> the phase's record. The child starts with torch, Triton and the
+    phases already imported here (seconds saved per phase); CUDA is never initialised here, each child does that
+    itself (CUDA does not survive a fork)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        raise RuntimeError("CUDA was initialised in the runner process: a forked phase could not use it")
     out = Path(args.out)
     json_path, log_path = out / f"phase_{phase.name}.json", out / "logs" / f"{phase.name}.log"
     json_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "benchmarks.gpu_run", "--phase", phase.name, "--out", str(out),
-           "--scale", scale_name, "--phase-seconds", f"{seconds:.1f}"]
-    if args.rosinality:
-        cmd += ["--rosinality", args.rosinality]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get(
-        "PYTHONPATH", "")]).rstrip(os.pathsep))
-    if scale_name == "cpu":  # the kernels through the interpreter; one thread (2 oversubscribed cores: 100x)
-        env.update(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    sys.stdout.flush()
+    sys.stderr.flush()
     t0 = time.monotonic()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            code = proc.wait(timeout=seconds + GRACE_S)
-            status = "ok" if code == 0 else "failed"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the phase's whole process group (pytest, compile workers)
-            proc.wait()
-            status = "timeout"
+    pid = os.fork()
+    if pid == 0:
+        _phase_child(phase.name, scale_name, out, seconds, args.rosinality, log_path)
+    code = _wait(pid, seconds + GRACE_S)
     data = json.loads(json_path.read_text()) if json_path.exists() else {}
-    message = "" if status == "ok" else (f"stopped after {seconds:.0f} s budget" if status == "timeout"
-                                         else _last_error(log_path))
+    status = "timeout" if code is None else ("ok" if code == 0 else "failed")
+    message = ("" if status == "ok" else f"stopped after {seconds:.0f} s budget" if status == "timeout"
+               else _last_error(log_path))
     return dict(status=status, seconds=round(time.monotonic() - t0, 1), budget_s=round(seconds, 1),
                 message=message, data=data)
+
+
+def _wait(pid: int, seconds: float) -> int | None:
+    """Exit code of the child ``pid``, or None if it had to be killed after ``seconds``. Its process group is
+    killed either way (nothing it started outlives it)."""
+    deadline = time.monotonic() + seconds
+    code = None
+    while code is None and time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+        else:
+            time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    if code is None:
+        os.waitpid(pid, 0)
+    return code
+
+
+def _phase_child(name: str, scale_name: str, out: Path, seconds: float, rosinality, log_path: Path):
+    """The forked child: a new process group, stdout and stderr to the phase's log, run, exit (never returns)."""
+    code = 1
+    try:
+        os.setsid()
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        code = run_phase_here(name, scale_name, out, seconds, rosinality)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _last_error(log_path: Path) -> str:
@@ -195,32 +235,56 @@ def run_all(args) -> dict:
     for phase in PHASES:
         if args.phases and phase.name not in args.phases and phase.name != "env":
             continue
-        if not phase.needed(results):
-            results[phase.name] = dict(status="not needed", seconds=0, message="torch.compile(reference) measured")
-            continue
         budget = phase.gpu_s if scale_name == "gpu" else phase.cpu_s
         seconds = min(budget, deadline - time.monotonic() - REPORT_RESERVE_S)
-        if seconds < 5:
+        if not phase.needed(results):
+            results[phase.name] = dict(status="not needed", seconds=0, message="torch.compile(reference) measured")
+        elif seconds < 5:
             results[phase.name] = dict(status="skipped", seconds=0, budget_s=budget,
                                        message=f"skipped: the total budget of {args.budget:.0f} s ran out")
         else:
-            record = run_phase(phase, args, scale_name if phase.name != "env" else args.scale, seconds)
-            if phase.name == "env" and scale_name == "auto":
-                scale_name = "gpu" if record["data"].get("cuda") else "cpu"
-                record["data"]["scale"] = scale_name
-            results[phase.name] = judge(phase, record, dataclasses.asdict(SCALES[scale_name]), args)
-        print(_progress_line(phase.name, results[phase.name]), flush=True)
-        if phase.name == "env":
-            env = results["env"].get("data", {})
-            print(f"device: {env.get('device')}\nversions: python {env.get('python')}, torch {env.get('torch')}, "
-                  f"triton {env.get('triton')}, numpy {env.get('numpy')}, fastglow {env.get('fastglow')}; "
-                  f"commit {env.get('git_commit')}", flush=True)
+            try:
+                record = run_phase(phase, args, scale_name, seconds)
+                if phase.name == "env":
+                    scale_name = _settle_scale(scale_name, record)
+            except Exception as err:  # the runner's own failure: reported, the next phases still run
+                traceback.print_exc()
+                record = dict(status="failed", seconds=0, message=f"runner: {type(err).__name__}: {err}", data={})
+            scale = SCALES.get(scale_name, SCALES["cpu"])  # ("auto" only if the env phase itself broke)
+            results[phase.name] = judge(phase, record, dataclasses.asdict(scale), args)
+        _print_progress(phase.name, results[phase.name])
     return results
 
 
-def _progress_line(name: str, record: dict) -> str:
-    return f"[{name}] {record['status']} in {record.get('seconds', 0):.1f} s" + \
-        (f": {record['message']}" if record.get("message") else "")
+def _settle_scale(requested: str, env_record: dict) -> str:
+    """After the env phase: the scale of every other phase, and the imports its children start with (Triton
+    through its interpreter on a CPU: decided before triton is first imported)."""
+    scale = requested if requested != "auto" else ("gpu" if env_record["data"].get("cuda", _cuda_available())
+                                                   else "cpu")
+    env_record["data"]["scale"] = scale
+    if scale == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import fastglow.ops  # noqa: F401  (triton and the kernels)
+    from benchmarks import gpu_phases  # noqa: F401
+    return scale
+
+
+def _cuda_available() -> bool:
+    """Asked of a fresh interpreter: asking torch here would initialise CUDA, which a fork does not survive."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+                           capture_output=True, text=True, timeout=120)
+    return probe.stdout.strip() == "True"
+
+
+def _print_progress(name: str, record: dict) -> None:
+    """One line per phase as it ends; after env, the device line and the versions."""
+    print(f"[{name}] {record['status']} in {record.get('seconds', 0):.1f} s"
+          + (f": {record['message']}" if record.get("message") else ""), flush=True)
+    if name == "env":
+        env = record.get("data", {})
+        print(f"device: {env.get('device')}\nversions: python {env.get('python')}, torch {env.get('torch')}, "
+              f"triton {env.get('triton')}, numpy {env.get('numpy')}, fastglow {env.get('fastglow')}; "
+              f"commit {env.get('git_commit')}", flush=True)
 
 
 def write_outputs(results: dict, args, command: str) -> None:
@@ -240,17 +304,19 @@ def write_outputs(results: dict, args, command: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # Entry points
 # ----------------------------------------------------------------------------------------------
-def phase_main(args) -> int:
-    """Inside a phase's process: run the phase, recording into phase_<name>.json as it goes."""
+def run_phase_here(name: str, scale_name: str, out: Path, seconds: float, rosinality) -> int:
+    """Run one phase in this process, recording into phase_<name>.json as it goes: -> exit code."""
     import torch
 
     from benchmarks import gpu_phases
-    scale = args.scale if args.scale != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
-    rec = gpu_phases.Recorder(Path(args.out) / f"phase_{args.phase}.json")
-    ctx = gpu_phases.PhaseContext(SCALES[scale], rec, time.monotonic() + args.phase_seconds - 2, Path(args.out),
-                                  args.rosinality)
+    scale = scale_name if scale_name != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+    if scale == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # (a fork inherits the parent's triton, already set so)
+        torch.set_num_threads(1)  # 2 cores shared with other jobs: oversubscribed threads cost 100x
+    rec = gpu_phases.Recorder(out / f"phase_{name}.json")
+    ctx = gpu_phases.PhaseContext(SCALES[scale], rec, time.monotonic() + seconds - 2, out, rosinality)
     try:
-        getattr(gpu_phases, f"phase_{args.phase}")(ctx)
+        getattr(gpu_phases, f"phase_{name}")(ctx)
     except Exception:
         traceback.print_exc()
         rec.set("error", traceback.format_exc(limit=3).strip().splitlines()[-1])
@@ -266,8 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: real shapes with CUDA, tiny shapes without")
     p.add_argument("--phases", type=lambda s: s.split(","), help="run only these phases (comma-separated)")
     p.add_argument("--rosinality", help="folder holding rosinality/glow-pytorch's model.py: another baseline")
-    p.add_argument("--phase", help=argparse.SUPPRESS)  # internal: run one phase in this process
-    p.add_argument("--phase-seconds", type=float, default=60.0, help=argparse.SUPPRESS)
+    p.add_argument("--phase", help="run only this phase, in this process, and write only its JSON (debugging)")
+    p.add_argument("--phase-seconds", type=float, default=120.0, help="--phase's budget (default 120)")
     return p
 
 
@@ -283,8 +349,8 @@ def main(argv=None) -> int:
         if unknown:
             print(f"error: unknown phases {sorted(unknown)}; known: {[p.name for p in PHASES]}", file=sys.stderr)
             return 2
-    if args.phase:
-        return phase_main(args)
+    if args.phase:  # one phase in this process (debugging)
+        return run_phase_here(args.phase, args.scale, Path(args.out), args.phase_seconds, args.rosinality)
     command = "python -m benchmarks.gpu_run " + " ".join(argv if argv is not None else sys.argv[1:])
     results = run_all(args)
     write_outputs(results, args, command)

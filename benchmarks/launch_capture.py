@@ -178,7 +178,8 @@ def _meta_model(shape: ModelShape):
         torch.set_num_threads(1)
         try:
             model = fastglow.Glow(shape.in_channel, shape.n_flow, shape.n_block, affine=shape.affine,
-                                  hidden_channels=shape.hidden, backend="triton", reversible=True)
+                                  hidden_channels=shape.hidden, backend="triton", reversible=True,
+                                  reversible_tol=None)  # the trust check reads a value: meta has none
         finally:
             torch.set_num_threads(threads)
     for name, buf in model.named_buffers():

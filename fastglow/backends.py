@@ -2,22 +2,37 @@
 
 Both backends run the same maths on the same modules (:mod:`fastglow.reference` owns the parameters):
 
-- :class:`EagerSteps` calls the reference modules (any device and dtype; autograd does the rest).
+- :class:`EagerSteps` calls the reference modules and functions (any device and dtype; autograd does the rest).
 - :class:`TritonSteps` runs the fused kernels of :mod:`fastglow.kernels` through :mod:`fastglow.ops`
-  (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), and offers a fused reversible backward.
+  (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
 
-The interface :func:`fastglow.reversible.reversible_steps` and :class:`fastglow.Glow` use:
-``squeeze(x)``, ``unsqueeze(y)``, ``forward(steps, x) -> (y, logdet [B])``, ``inverse(steps, y) -> x`` (last
-step first) and ``backward_from_output`` (``None``, or ``(steps, y, grad_y, grad_logdet, x0) -> (grad_x,
-[[grad per parameter of each step]])``: the whole reversible backward of a level in one fused pass).
+Level passes (:class:`fastglow.Glow`, :func:`fastglow.reversible.reversible_steps`): ``squeeze(x)``,
+``unsqueeze(y)``, ``forward(steps, x) -> (y, logdet [B])``, ``inverse(steps, y) -> x`` (last step first).
+
+Per-step primitives of the reversible backward (:func:`fastglow.reversible.level_backward`, written once for
+both backends), for one flow step x -> mix -> y -> coupling -> out:
+
+- ``fold(steps) -> [FoldedMix]``: ActNorm + 1x1 conv of every step folded into y = M x + m (and its
+  inverse), differentiable in the parameters; ``fold_group``: how many steps' maps are folded and differentiated
+  together (None: the whole level);
+- ``coupling_net(coupling, out_a) -> (tensors...)``: the coupling network on the output's first half (equal
+  to the input's); run with grad, it is the one network evaluation of the step in backward;
+- ``coupling_backward(out, grad_out, net_out, grad_logdet, affine) -> (y, grad_y, (grad per net_out
+  tensor))``: the coupling input rebuilt and the vector-Jacobian product of the combine (grad_y's first
+  half without the network's path, which the caller adds);
+- ``mix_backward(y, grad_y, fold) -> (x, grad_x, grad_mix_weight, grad_mix_bias)``: the mix input rebuilt,
+  x = M^-1 (y - m), and the vector-Jacobian product of the mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
+from torch.nn import functional as F
 
 from . import reference
 
@@ -26,11 +41,46 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@dataclass
+class FoldedMix:
+    """One step's ActNorm + 1x1 conv folded into one per-pixel affine map and its inverse, and the per-pixel
+    parameter logdet:  y = mix_weight @ x + mix_bias,  x = mix_weight_inv @ y + mix_bias_inv, with
+    mix_weight = W diag(scale), mix_bias = W (scale * loc), mix_weight_inv = diag(1/scale) W^-1,
+    mix_bias_inv = -loc, logdet_per_pixel = sum log|scale| + log|det W|."""
+    mix_weight: torch.Tensor
+    mix_bias: torch.Tensor
+    mix_weight_inv: torch.Tensor
+    mix_bias_inv: torch.Tensor
+    logdet_per_pixel: torch.Tensor
+
+
+def full_precision():
+    """Autocast off (a no-op when it is off already): the 1x1 conv, the folded maps and the elementwise rebuilds
+    must invert exactly, never in a low-precision autocast dtype."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
+def fold_mixes(flows, w: torch.Tensor, w_inv: torch.Tensor, w_logdet: torch.Tensor) -> list[FoldedMix]:
+    """Fold each step's ActNorm into its 1x1 conv, given the conv weights W (K, C, C), W^-1 and log|det W| (K)."""
+    scale = torch.stack([flow.actnorm.scale.reshape(-1) for flow in flows])  # (K, C)
+    loc = torch.stack([flow.actnorm.loc.reshape(-1) for flow in flows])
+    mix_weight = w * scale[:, None, :]
+    mix_bias = (w * (scale * loc)[:, None, :]).sum(-1)  # elementwise: never a TF32 matmul
+    mix_weight_inv = w_inv / scale[:, :, None]
+    logdet_pp = torch.log(scale.abs()).sum(1) + w_logdet
+    return [FoldedMix(mix_weight[k], mix_bias[k], mix_weight_inv[k], -loc[k], logdet_pp[k])
+            for k in range(len(flows))]
+
+
 class EagerSteps:
     """Flow steps through the reference modules: rosinality's maths, any device and dtype."""
 
     name = "eager"
-    backward_from_output = None  # reversible backward: the generic reconstruct-and-recompute loop
+    fold_group = 1  # the reference's per-step weight maths keeps many small tensors for its backward
 
     @staticmethod
     def squeeze(x: torch.Tensor) -> torch.Tensor:
@@ -42,25 +92,73 @@ class EagerSteps:
 
     @staticmethod
     def forward(steps, x: torch.Tensor):
-        """y = f_{K-1}(...f_0(x)), logdet = sum_k ld_k [B]."""
+        """y = f_{K-1}(...f_0(x)), logdet = sum_k ld_k [B]: each reference Flow's maths, its ActNorm and 1x1
+        conv in full precision under autocast (as the Triton backend's mix), so the step inverts exactly."""
         logdet = x.new_zeros(x.shape[0])
         for step in steps:
-            x, det = step(x)
-            logdet = logdet + det
+            with full_precision():
+                y, det_actnorm = step.actnorm(x)
+                y, det_invconv = step.invconv(y)
+            x, det_coupling = step.coupling(y)
+            logdet = logdet + (det_coupling + (det_actnorm + det_invconv))
         return x, logdet
 
     @staticmethod
     def inverse(steps, y: torch.Tensor) -> torch.Tensor:
-        """x = f_0^-1(...f_{K-1}^-1(y))."""
+        """x = f_0^-1(...f_{K-1}^-1(y)), the ActNorm and 1x1 conv in full precision as in :meth:`forward`."""
         for step in reversed(list(steps)):
-            y = step.reverse(y)
+            y = step.coupling.reverse(y)
+            with full_precision():
+                y = step.actnorm.reverse(step.invconv.reverse(y))
         return y
+
+    @staticmethod
+    def fold(steps) -> list[FoldedMix]:
+        with full_precision():
+            w = torch.stack([step.invconv.calc_weight() for step in steps])
+            w_logdet = torch.stack([step.invconv.log_abs_det() for step in steps])
+            return fold_mixes(steps, w, reference.matrix_inverse(w.detach()), w_logdet)
+
+    @staticmethod
+    def coupling_net(coupling: reference.AffineCoupling, out_a: torch.Tensor):
+        return (coupling.run_net(coupling.net, out_a),)
+
+    @staticmethod
+    def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool):
+        """y_b = uncombine(out_b, h) (the reference's); the combine's vjp, with g = ∂L/∂out_b: additive
+        ∂y_b = ∂h = g; affine (s = sigmoid(log_s + 2)) ∂y_b = ∂t = g s, ∂log_s = (g out_b + ∂L/∂logdet) (1 - s)."""
+        (h,) = net_out
+        half = out.shape[1] // 2
+        out_b, g = out[:, half:], grad_out[:, half:]
+        with full_precision():
+            y_b = reference.coupling_uncombine(out_b, h, affine)
+            if affine:
+                s = torch.sigmoid(h[:, :half] + 2)
+                grad_y_b = g * s
+                grad_log_s = g * out_b
+                if grad_logdet is not None:
+                    grad_log_s += grad_logdet.view(-1, 1, 1, 1)
+                grad_h = torch.cat([grad_log_s.mul_(1 - s), grad_y_b], 1)
+            else:
+                grad_y_b = grad_h = g
+        return torch.cat([out[:, :half], y_b], 1), torch.cat([grad_out[:, :half], grad_y_b], 1), (grad_h,)
+
+    @staticmethod
+    def mix_backward(y, grad_y, fold: FoldedMix):
+        """x = M^-1 y + m^-1; grad_x = M^T grad_y, grad_M = sum_{b,p} grad_y x^T, grad_m = sum_{b,p} grad_y."""
+        with full_precision():
+            weight, weight_inv = fold.mix_weight.detach(), fold.mix_weight_inv.detach()
+            x = F.conv2d(y, weight_inv[:, :, None, None], fold.mix_bias_inv.detach())
+            grad_x = F.conv2d(grad_y, weight.t()[:, :, None, None])
+            grad_weight = torch.einsum("bohw,bihw->oi", grad_y, x)
+        return x, grad_x, grad_weight, grad_y.sum((0, 2, 3))
 
 
 class TritonSteps:
     """Flow steps through the fused Triton kernels (float32/float64; CUDA, or the interpreter on CPU)."""
 
     name = "triton"
+    fold_group = None  # one batched LU launch each way per level
 
     def __init__(self, mix_precision: str = "ieee"):
         from . import ops  # the one place triton is imported (lazily: TRITON_INTERPRET is decided by then)
@@ -68,6 +166,9 @@ class TritonSteps:
         self._ops = ops
         self._squeeze = SqueezeFunction
         self.mix_precision = mix_precision  # tl.dot input precision of the 1x1 mix: "ieee" or "tf32x3"
+        self.fold = ops.fold_level
+        self.coupling_net = ops.coupling_net_raw
+        self.coupling_backward = ops.coupling_backward
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:
         return self._squeeze.apply(x, False)
@@ -81,8 +182,8 @@ class TritonSteps:
     def inverse(self, steps, y: torch.Tensor) -> torch.Tensor:
         return self._ops.level_inverse(list(steps), y, self.mix_precision)
 
-    def backward_from_output(self, steps, y, grad_y, grad_logdet, x0=None):
-        return self._ops.level_backward_from_output(list(steps), y, grad_y, grad_logdet, x0, self.mix_precision)
+    def mix_backward(self, y: torch.Tensor, grad_y: torch.Tensor, fold):
+        return self._ops.mix_backward(y, grad_y, fold, self.mix_precision)
 
 
 @functools.lru_cache(maxsize=None)

@@ -115,6 +115,10 @@ def _check(model, optimizer, example, capture: bool, warmup: int) -> None:
     if hasattr(model, "actnorm_initialized") and not model.actnorm_initialized():
         raise ValueError("ActNorm is not initialised: run one batch through the model first "
                          "(with torch.no_grad(): model(x)); its data-dependent init reads values")
+    if getattr(model, "validate", False) or (getattr(model, "reversible", False)
+                                             and getattr(model, "reversible_tol", None) is not None):
+        raise ValueError("the model syncs with the host in a training step: build it with validate=False and "
+                         "reversible_tol=None (the input NaN check and the reversible reconstruction check)")
     if capture:
         if not example.is_cuda:
             raise ValueError(f"capture needs CUDA tensors, the example is on {example.device}")

@@ -9,34 +9,51 @@ import torch
 
 from . import reference
 from .backends import select_backend
-from .checks import (check_config, check_execution_options, check_image, check_img_size, check_matches_model,
-                     check_z_list)
-from .reversible import reversible_steps
+from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
+                     check_labels, check_matches_model, check_sample_args, check_z_list)
+from .conditional import DEFAULT_CLASS_WEIGHT
+from .reversible import ReconstructionMonitor, ReversibleOptions, check_reversible_options, reversible_steps
 
 
 class Glow(reference.Glow):
     """Drop-in for rosinality/glow-pytorch's ``Glow``.
 
     Args beyond rosinality's: ``hidden_channels`` (coupling width), ``backend`` ("auto", "eager" or
-    "triton") and ``reversible`` (constant-memory backprop). Execution options (same maths, same state):
-    ``autocast_dtype`` (torch.bfloat16 or torch.float16: the coupling networks run under autocast, the flow
-    maths - ActNorm, the 1x1 mix, the coupling combine, logdet, LU, priors - in the parameters' dtype),
-    ``channels_last`` (the coupling networks' weights and inputs in channels_last memory format) and
-    ``validate`` (False: skip the input's NaN/Inf check, the one host sync of a training step) and
-    ``mix_precision`` (the Triton 1x1 mix in float32: "ieee", exact, or "tf32x3", three TF32 tensor-core
-    products, ~float32 accuracy; benchmarks/RESULTS.md has its emulated effect).
+    "triton"), ``reversible`` (constant-memory backprop, :mod:`fastglow.reversible`) and its options:
+    ``reversible_tol`` (relative error of a level's rebuilt input above which that level's gradients are
+    recomputed exactly from its stored input; "auto": the square root of the dtype's machine epsilon, 3.5e-4
+    in float32; None: never checked, no host sync) and ``backward_chunk`` (recompute and backpropagate each
+    level N samples at a time: memory flat in the batch size); ``n_classes`` (class-conditional: y-conditioned
+    top prior and an auxiliary classifier, see :mod:`fastglow.conditional`) and ``class_weight`` (its loss
+    weight). Execution options (same maths, same state): ``autocast_dtype`` (torch.bfloat16 or torch.float16:
+    the coupling networks run under autocast, the flow maths - ActNorm, the 1x1 mix, the coupling combine,
+    logdet, LU, priors - in the parameters' dtype), ``channels_last`` (the coupling networks' weights and
+    inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check; with
+    ``reversible_tol=None`` too, a training step makes no host sync) and ``mix_precision`` (the Triton 1x1
+    mix in float32: "ieee", exact, or "tf32x3", three TF32 tensor-core products, ~float32 accuracy;
+    benchmarks/RESULTS.md has its emulated effect).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
                  conv_lu: bool = True, hidden_channels: int = 512, backend: str = "auto",
-                 reversible: bool = True, autocast_dtype: torch.dtype | None = None,
+                 reversible: bool = True, reversible_tol: float | str | None = "auto",
+                 backward_chunk: int | None = None, n_classes: int | None = None,
+                 class_weight: float = DEFAULT_CLASS_WEIGHT, autocast_dtype: torch.dtype | None = None,
                  channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee"):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
+        check_reversible_options(reversible_tol, backward_chunk)
+        check_class_config(n_classes, class_weight)
         check_execution_options(autocast_dtype, channels_last, validate, mix_precision)
+        in_channel, n_flow, n_block, hidden_channels = map(int, (in_channel, n_flow, n_block, hidden_channels))
+        n_classes = None if n_classes is None else int(n_classes)
+        backward_chunk = None if backward_chunk is None else int(backward_chunk)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
-                         hidden_channels=hidden_channels)
+                         hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight)
         self.backend = backend
         self.reversible = reversible
+        self.reversible_tol = reversible_tol
+        self.backward_chunk = backward_chunk
+        self._reconstruction = ReconstructionMonitor(n_block)
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
         self.mix_precision = mix_precision
         for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
@@ -55,27 +72,29 @@ class Glow(reference.Glow):
             return contextlib.nullcontext()
         return torch.autocast(device_type, enabled=False)
 
-    def forward(self, x: torch.Tensor):
-        """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs)."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs); a class-conditional model takes labels y
+        (int64 [B]) and log_p is log p(z | y)."""
         check_image(x, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("input", x, self.blocks[0].prior.scale)
+        check_labels(y, self.n_classes, x.shape[0], x.device)
         self.last_img_size = (x.shape[2], x.shape[3])
         with self.flow_precision(x.device.type):
-            return self._forward(x)
+            return self._forward(x, y)
 
-    def _forward(self, x: torch.Tensor):
+    def _forward(self, x: torch.Tensor, y: torch.Tensor | None):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
-            return super().forward(x)
+            return super().forward(x, y)
         backend = select_backend(self.backend, x, self.mix_precision)
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
         out = x
-        for block in self.blocks:
+        for block, shift in zip(self.blocks, self.prior_shifts(y, required=True)):
             out, det = self._run_flows(block, backend.squeeze(out), backend)
             logdet = logdet + det
-            out, log_p, z = block.split_off(out)
+            out, log_p, z = block.split_off(out, shift)
             log_p_sum = log_p_sum + log_p
             z_outs.append(z)
         return log_p_sum, logdet, z_outs
@@ -83,40 +102,65 @@ class Glow(reference.Glow):
     def _run_flows(self, block: reference.Block, x: torch.Tensor, backend):
         """A level's K flow steps on its squeezed input: -> (output, logdet [B]). ``reversible``: activations
         are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
-        return reversible_steps(block.flows, x, backend) if self.reversible else backend.forward(block.flows, x)
+        if not self.reversible:
+            return backend.forward(block.flows, x)
+        level = next(i for i, b in enumerate(self.blocks) if b is block)
+        options = ReversibleOptions(self.reversible_tol, self.backward_chunk, self._reconstruction, level)
+        return reversible_steps(block.flows, x, backend, options)
 
-    def reverse(self, z_list, reconstruct: bool = False) -> torch.Tensor:
-        """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise."""
+    def reconstruction_error(self) -> torch.Tensor:
+        """Per level [n_block]: max over samples of ||x̂ - x|| / ||x|| between the level input rebuilt by the
+        latest reversible backward and the stored one (on the model's device, read without a host sync; NaN
+        for a level that has not run a reversible backward)."""
+        return self._reconstruction.errors()
+
+    @property
+    def reconstruction_fallbacks(self) -> int:
+        """How many level backwards were recomputed exactly because their error exceeded ``reversible_tol``."""
+        return self._reconstruction.fallbacks
+
+    def reverse(self, z_list, reconstruct: bool = False, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise, which a
+        class-conditional model turns into latents under the prior of labels y (int64 [B])."""
         check_z_list(z_list, self.in_channel, self.n_block)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
+        check_labels(y, self.n_classes, z_list[-1].shape[0], z_list[-1].device, required=not reconstruct)
         with self.flow_precision(z_list[-1].device.type):
-            return self._reverse(z_list, reconstruct)
+            return self._reverse(z_list, reconstruct, y)
 
-    def _reverse(self, z_list, reconstruct: bool) -> torch.Tensor:
+    def _reverse(self, z_list, reconstruct: bool, y: torch.Tensor | None) -> torch.Tensor:
         backend = select_backend(self.backend, z_list[-1], self.mix_precision)
         x = z_list[-1]
-        for block, z in zip(self.blocks[::-1], z_list[::-1]):
-            x = block.merge(x, z, reconstruct=reconstruct)
+        shifts = self.prior_shifts(y, required=not reconstruct)
+        for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
+            x = block.merge(x, z, reconstruct=reconstruct, shift=shift)
             x = backend.unsqueeze(backend.inverse(block.flows, x))
         return x
 
+    def class_loss(self, z_outs, y: torch.Tensor) -> torch.Tensor:
+        """class_weight * mean cross-entropy (bits) of the auxiliary classifier on forward's z_outs and labels y."""
+        check_labels(y, self.n_classes, z_outs[-1].shape[0], z_outs[-1].device)
+        return super().class_loss(z_outs, y)
+
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 0.7, img_size=None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, y: int | torch.Tensor | None = None) -> torch.Tensor:
         """Draw ``n`` images at ``temperature`` (latents ~ N(0, temperature^2) before the priors).
 
-        ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``.
+        ``img_size`` (int or (H, W)) defaults to the size of the last batch seen by ``forward``. A
+        class-conditional model takes the classes ``y``: one int for all n, or int64 labels of shape [n].
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int, got {n!r}")
-        if not isinstance(temperature, (int, float)) or temperature < 0:
-            raise ValueError(f"temperature must be a non-negative number, got {temperature!r}")
+        check_sample_args(n, temperature)
+        n = int(n)
         img_size = img_size if img_size is not None else self.last_img_size
         if img_size is None:
             raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")
         img_size = check_img_size(img_size, self.n_block)
         ref = next(self.parameters())
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.int64, device=ref.device)
+        check_labels(y, self.n_classes, n, ref.device)
         z_list = [temperature * torch.randn(n, *shape, generator=generator, dtype=ref.dtype,
                                             device=ref.device)
                   for shape in reference.z_shapes(self.in_channel, img_size, self.n_block)]
-        return self.reverse(z_list)
+        return self.reverse(z_list, y=y)

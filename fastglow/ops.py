@@ -1,62 +1,46 @@
-"""The level algorithms of the Triton backend: a Glow level's K flow steps forward (fused across steps), in
-reverse, and backward from the level output (reversible backprop), over the kernels' autograd Functions.
+"""The Triton backend: a Glow level's K flow steps forward (fused across steps) and in reverse, and the per-step
+primitives of the reversible backward (:func:`fastglow.level_backward.level_backward` is the algorithm, written
+once for both backends), over the kernels' autograd Functions and launchers.
 
 Importing this module imports triton; :mod:`fastglow.backends` imports it lazily, once, at the Triton backend's
 construction (``TRITON_INTERPRET`` must be decided before triton is first imported).
 
-A flow step with ActNorm and the 1x1 conv folded into one per-pixel affine map (the "mix"):
-    y = mix_weight @ x + mix_bias,    mix_weight = W diag(scale),  mix_bias = W (scale * loc)
-    x = mix_weight_inv @ y + mix_bias_inv,  mix_weight_inv = diag(1/scale) W^-1,  mix_bias_inv = -loc
+A flow step with ActNorm and the 1x1 conv folded into one per-pixel affine map (the "mix",
+:class:`fastglow.backends.FoldedMix`):
+    y = mix_weight @ x + mix_bias,    x = mix_weight_inv @ y + mix_bias_inv
     out = coupling(y, h_raw = NN_raw(y_a), zscale)                   (NN's exp(3 * zscale) folded in)
     logdet = H W (sum log|scale| + log|det W|) + sum log s
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.nn import functional as F
 
 from . import reference
+from .backends import EagerSteps, FoldedMix, fold_mixes, full_precision
+from .kernels import coupling as coupling_kernels
 from .kernels.channel_mix import ChannelMixFunction, channel_mix_backward
-from .kernels.coupling import CouplingFunction, CouplingMixFunction, coupling_backward
+from .kernels.coupling import CouplingFunction, CouplingMixFunction
 from .kernels.flow_step import coupling_mix_forward
 from .kernels.lu_weight import LUWeightFunction, perm_from_matrix
-from .reversible import parameter_slots
+from .level_backward import level_backward, parameter_slots
 
-
-@dataclass
-class FoldedMix:
-    """One step's ActNorm + 1x1 conv folded into the mix and its inverse (see the module docstring), and the
-    per-pixel parameter logdet sum log|scale| + log|det W|."""
-    mix_weight: torch.Tensor
-    mix_bias: torch.Tensor
-    mix_weight_inv: torch.Tensor
-    mix_bias_inv: torch.Tensor
-    logdet_per_pixel: torch.Tensor
+__all__ = ["FoldedMix", "fold_level", "coupling_net_raw", "level_forward", "level_inverse", "coupling_backward",
+           "mix_backward", "level_backward_from_output"]
 
 
 def fold_level(flows) -> list[FoldedMix]:
     """Fold every step of a level; all LU weights of the level come from one batched kernel launch.
     Runs in full precision whatever autocast says: these maps must invert exactly."""
-    with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-        invs = [flow.invconv for flow in flows]
-        if all(isinstance(inv, reference.InvConv2dLU) for inv in invs):
-            perm = perm_from_matrix(torch.stack([inv.w_p for inv in invs]))
-            w, w_inv, w_logdet = LUWeightFunction.apply(
-                perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
-        else:
-            w = torch.stack([inv.calc_weight() for inv in invs])
-            w_inv = reference.matrix_inverse(w)
-            w_logdet = torch.stack([inv.log_abs_det() for inv in invs])
-        scale = torch.stack([flow.actnorm.scale.reshape(-1) for flow in flows])  # (K, C)
-        loc = torch.stack([flow.actnorm.loc.reshape(-1) for flow in flows])
-        mix_weight = w * scale[:, None, :]
-        mix_bias = (w * (scale * loc)[:, None, :]).sum(-1)  # elementwise: never a TF32 matmul
-        mix_weight_inv = w_inv / scale[:, :, None]
-        logdet_pp = torch.log(scale.abs()).sum(1) + w_logdet
-    return [FoldedMix(mix_weight[k], mix_bias[k], mix_weight_inv[k], -loc[k], logdet_pp[k]) for k in range(len(flows))]
+    invs = [flow.invconv for flow in flows]
+    if not all(isinstance(inv, reference.InvConv2dLU) for inv in invs):
+        return EagerSteps.fold(flows)
+    with full_precision():
+        perm = perm_from_matrix(torch.stack([inv.w_p for inv in invs]))
+        w, w_inv, w_logdet = LUWeightFunction.apply(
+            perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
+        return fold_mixes(flows, w, w_inv, w_logdet)
 
 
 def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
@@ -104,50 +88,28 @@ def level_inverse(flows, y: torch.Tensor, input_precision: str = "ieee") -> torc
     return y
 
 
+def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool):
+    """Reversible-backward primitive: one kernel rebuilds the coupling input y from out and gives grad_y (first
+    half without the network's path), d h_raw and d zscale."""
+    h_raw, zscale = net_out
+    y, grad_y, grad_h, grad_zs = coupling_kernels.coupling_backward(out, grad_out, h_raw, zscale, grad_logdet,
+                                                                    affine=affine)
+    return y, grad_y, (grad_h, grad_zs)
+
+
+def mix_backward(y, grad_y, fold: FoldedMix, input_precision: str = "ieee"):
+    """Reversible-backward primitive: one kernel rebuilds x = mix_weight_inv @ y + mix_bias_inv and gives
+    grad_x, grad_mix_weight, grad_mix_bias (``input_precision``: the mix's tl.dot precision, see
+    :data:`fastglow.checks.MIX_PRECISIONS`)."""
+    return channel_mix_backward(y, grad_y, fold.mix_weight.detach(), fold.mix_weight_inv.detach(),
+                                fold.mix_bias_inv.detach(), input_precision=input_precision)
+
+
 def level_backward_from_output(flows, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None,
                                x0: torch.Tensor | None = None, input_precision: str = "ieee"):
-    """Reversible backward of a level of Triton flow steps from its output y:
-    -> (grad_x, [parameter grads of each flow, in ``parameter_slots(flow)`` order]).
-
-    All steps' folded maps come from one LU launch (with grad); then, last step first, the coupling network runs
-    once with grad on y_a = out_a, one kernel rebuilds the coupling input y' and gives grad_y', d h_raw,
-    d zscale, autograd takes those through the network (adding its path into y'_a), and one kernel rebuilds the
-    step input x = mix_weight_inv @ y' + mix_bias_inv (the stored level input ``x0`` for the first step) and
-    gives grad_x, grad_mix_weight, grad_mix_bias. One autograd pass at the end takes every grad_mix_weight,
-    grad_mix_bias and the parameter logdet H W (sum log|scale| + log|det W|) to loc, scale and W (one batched
-    LU backward).
-    """
-    half = y.shape[1] // 2
-    with torch.enable_grad():
-        folded = fold_level(flows)
-    by_param: dict[int, torch.Tensor] = {}
-    fold_out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    grad = grad_y
-    grad_logdet_per_pixel = None if grad_logdet is None else y.shape[2] * y.shape[3] * grad_logdet.sum()
-    for k in reversed(range(len(flows))):
-        flow, fold = flows[k], folded[k]
-        with torch.enable_grad():
-            y_a = y[:, :half].detach().requires_grad_()
-            h_raw, zscale = coupling_net_raw(flow.coupling, y_a)
-        y_mix, grad_mix, grad_h, grad_zs = coupling_backward(y, grad, h_raw.detach(), zscale.detach(),
-                                                             grad_logdet, affine=flow.coupling.affine)
-        net_params = [t for _, _, t in parameter_slots(flow.coupling) if t.requires_grad]
-        net_out = [(t, g) for t, g in ((h_raw, grad_h), (zscale, grad_zs)) if t.requires_grad]
-        grads = torch.autograd.grad([t for t, _ in net_out], [y_a, *net_params], [g for _, g in net_out],
-                                    allow_unused=True)
-        by_param.update(zip(map(id, net_params), grads[1:]))
-        grad_mix[:, :half] += grads[0]
-        y, grad, grad_w, grad_b = channel_mix_backward(y_mix, grad_mix, fold.mix_weight.detach(),
-                                                       fold.mix_weight_inv.detach(), fold.mix_bias_inv.detach(),
-                                                       x=x0 if k == 0 else None, input_precision=input_precision)
-        fold_out += [(fold.mix_weight, grad_w), (fold.mix_bias, grad_b)]
-        if grad_logdet_per_pixel is not None:
-            fold_out.append((fold.logdet_per_pixel, grad_logdet_per_pixel))
-    fold_params = [t for f in flows for m in (f.actnorm, f.invconv) for _, _, t in parameter_slots(m)
-                   if t.requires_grad]
-    fold_out = [(t, g) for t, g in fold_out if t.requires_grad]
-    if fold_params and fold_out:
-        fold_grads = torch.autograd.grad([t for t, _ in fold_out], fold_params, [g for _, g in fold_out],
-                                         allow_unused=True)
-        by_param.update(zip(map(id, fold_params), fold_grads))
-    return grad, [[by_param.get(id(t)) for _, _, t in parameter_slots(flow)] for flow in flows]
+    """Reversible backward of a level of Triton flow steps from its output y (``x0``, the stored level input,
+    is accepted for compatibility; the first step's input is rebuilt either way):
+    -> (grad_x, [parameter grads of each flow, in ``parameter_slots(flow)`` order])."""
+    from .backends import _triton_steps
+    result = level_backward(list(flows), y, grad_y, grad_logdet, _triton_steps(input_precision))
+    return result.grad_x, result.param_grads

@@ -22,12 +22,12 @@ from scipy import linalg
 from torch import nn
 from torch.nn import functional as F
 
+from .conditional import DEFAULT_CLASS_WEIGHT, ClassConditional
+
 LOG_2PI = math.log(2 * math.pi)
 
 
-# ----------------------------------------------------------------------------------------------
-# The maths, as small functions (the fast paths' eager backend calls these)
-# ----------------------------------------------------------------------------------------------
+# ---- The maths, as small functions (the fast paths' eager backend calls these) ------------------------------------
 def squeeze2d(x: torch.Tensor) -> torch.Tensor:
     """2x2 space-to-depth: (B, C, H, W) -> (B, 4C, H/2, W/2), output channel c*4 + 2*dy + dx."""
     b, c, h, w = x.shape
@@ -105,9 +105,7 @@ def bits_per_dim(log_p, logdet, image_shape, n_bins: int | float, reduction: str
     raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-# ----------------------------------------------------------------------------------------------
-# Modules (they own the parameters, buffers and their initialisation)
-# ----------------------------------------------------------------------------------------------
+# ---- Modules (they own the parameters, buffers and their initialisation) ------------------------------------------
 class ActNorm(nn.Module):
     """Per-channel affine ``scale * (x + loc)``, initialised from the first batch to zero mean, unit std.
 
@@ -297,7 +295,8 @@ class Flow(nn.Module):
 class Block(nn.Module):
     """One level: squeeze, K flow steps, then split half off as a latent under a learned Gaussian prior.
 
-    The last level (``split=False``) keeps every channel; its prior is conditioned on zeros.
+    The last level (``split=False``) keeps every channel; its prior is conditioned on zeros. ``shift`` (B, 2C),
+    a class-conditional model's class term (:mod:`fastglow.conditional`), is added to the prior's output.
     """
 
     def __init__(self, in_channel, n_flow, split=True, affine=True, conv_lu=True, hidden_channels=512):
@@ -313,46 +312,53 @@ class Block(nn.Module):
         else:
             self.prior = ZeroConv2d(in_channel * 4, in_channel * 8)
 
-    def prior_params(self, kept: torch.Tensor):
+    def prior_params(self, kept: torch.Tensor, shift: torch.Tensor | None = None):
         """(mean, log_sd) of the latent given the kept half (split) or zeros shaped like it (last level)."""
         cond = kept if self.split else torch.zeros_like(kept)
-        return self.prior(cond).chunk(2, 1)
+        h = self.prior(cond)
+        if shift is not None:
+            h = h + shift[:, :, None, None]
+        return h.chunk(2, 1)
 
-    def split_off(self, out):
+    def split_off(self, out, shift=None):
         """Flow output -> (kept half, per-sample log p of the latent, latent)."""
         kept, z = out.chunk(2, 1) if self.split else (out, out)
-        mean, log_sd = self.prior_params(kept)
+        mean, log_sd = self.prior_params(kept, shift)
         return kept, gaussian_log_p(z, mean, log_sd).flatten(1).sum(1), z
 
-    def merge(self, kept, eps, reconstruct=False):
+    def merge(self, kept, eps, reconstruct=False, shift=None):
         """Inverse of :meth:`split_off`; ``eps`` is the latent itself (reconstruct) or standard noise."""
         if not reconstruct:
-            eps = gaussian_sample(eps, *self.prior_params(kept))
+            eps = gaussian_sample(eps, *self.prior_params(kept, shift))
         return torch.cat([kept, eps], 1) if self.split else eps
 
-    def forward(self, x):
+    def forward(self, x, shift=None):
         out = squeeze2d(x)
         logdet = x.new_zeros(x.shape[0])
         for flow in self.flows:
             out, det = flow(out)
             logdet = logdet + det
-        kept, log_p, z = self.split_off(out)
+        kept, log_p, z = self.split_off(out, shift)
         return kept, logdet, log_p, z
 
-    def reverse(self, kept, eps, reconstruct=False):
-        x = self.merge(kept, eps, reconstruct)
+    def reverse(self, kept, eps, reconstruct=False, shift=None):
+        x = self.merge(kept, eps, reconstruct, shift)
         for flow in self.flows[::-1]:
             x = flow.reverse(x)
         return unsqueeze2d(x)
 
 
-class Glow(nn.Module):
+class Glow(ClassConditional, nn.Module):
     """Multi-scale Glow: ``forward(x) -> (log_p [B], logdet [B], z_outs)``; ``reverse(z_list, reconstruct)``.
 
     As in rosinality/glow-pytorch, the last level always uses the LU 1x1 conv, whatever ``conv_lu`` says.
+    ``n_classes=N`` builds the class-conditional model (:class:`fastglow.conditional.ClassConditional`):
+    ``forward(x, y)``, ``reverse(z_list, reconstruct, y)``, ``class_prior`` and ``classifier`` modules;
+    ``None`` keeps rosinality's module tree exactly.
     """
 
-    def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True, hidden_channels=512):
+    def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True, hidden_channels=512,
+                 n_classes=None, class_weight=DEFAULT_CLASS_WEIGHT):
         super().__init__()
         self.in_channel, self.n_flow, self.n_block = in_channel, n_flow, n_block
         self.affine, self.conv_lu, self.hidden_channels = affine, conv_lu, hidden_channels
@@ -364,24 +370,26 @@ class Glow(nn.Module):
             n_channel *= 2
         self.blocks.append(Block(n_channel, n_flow, split=False, affine=affine,
                                  hidden_channels=hidden_channels))
+        self.add_class_modules(n_classes, class_weight, top_channels=n_channel * 4)
         self.register_load_state_dict_pre_hook(_strip_data_parallel_prefix)
 
-    def forward(self, x):
+    def forward(self, x, y=None):
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
         out = x
-        for block in self.blocks:
-            out, det, log_p, z = block(out)
+        for block, shift in zip(self.blocks, self.prior_shifts(y, required=True)):
+            out, det, log_p, z = block(out, shift)
             z_outs.append(z)
             logdet = logdet + det
             log_p_sum = log_p_sum + log_p
         return log_p_sum, logdet, z_outs
 
-    def reverse(self, z_list, reconstruct=False):
+    def reverse(self, z_list, reconstruct=False, y=None):
         x = z_list[-1]
-        for block, z in zip(self.blocks[::-1], z_list[::-1]):
-            x = block.reverse(x, z, reconstruct=reconstruct)
+        shifts = self.prior_shifts(y, required=not reconstruct)
+        for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
+            x = block.reverse(x, z, reconstruct=reconstruct, shift=shift)
         return x
 
 

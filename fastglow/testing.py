@@ -38,20 +38,23 @@ def perturb_(module: nn.Module, sigma: float = 0.01, seed: int = 0) -> nn.Module
 
 
 @torch.no_grad()
-def initialized_model(model: nn.Module, x: torch.Tensor, sigma: float = 0.01, seed: int = 0) -> nn.Module:
-    """Run ActNorm's data-dependent init on ``x``, then perturb every parameter."""
-    model(x)
+def initialized_model(model: nn.Module, x: torch.Tensor, sigma: float = 0.01, seed: int = 0,
+                      y: torch.Tensor | None = None) -> nn.Module:
+    """Run ActNorm's data-dependent init on ``x`` (with labels ``y`` for a class-conditional model), then
+    perturb every parameter."""
+    model(x) if y is None else model(x, y)
     return perturb_(model, sigma, seed)
 
 
 def models_on_one_state(constructors: Sequence[Callable[[], nn.Module]], x_shape, *, sigma: float,
-                        dtype: torch.dtype = torch.float64, seed: int = 0):
+                        dtype: torch.dtype = torch.float64, seed: int = 0, y: torch.Tensor | None = None):
     """-> (x, [models]): after ``torch.manual_seed(seed)``, x ~ U(-0.5, 0.5) of ``x_shape``; the first model is
-    ActNorm-initialised on x and perturbed by ``sigma``, every other one loads its ``state_dict`` (so a
-    reference Glow and fastglow Glows of several backends or modes share exactly the same weights)."""
+    ActNorm-initialised on x (and labels ``y``, class-conditional models) and perturbed by ``sigma``, every other
+    one loads its ``state_dict`` (so a reference Glow and fastglow Glows of several backends or modes share
+    exactly the same weights)."""
     torch.manual_seed(seed)
     x = torch.rand(*x_shape, dtype=dtype) - 0.5
-    first = initialized_model(constructors[0]().to(dtype), x, sigma=sigma)
+    first = initialized_model(constructors[0]().to(dtype), x, sigma=sigma, y=y)
     models = [first]
     for make in constructors[1:]:
         model = make().to(dtype)
@@ -91,3 +94,49 @@ class HostSyncDetector(TorchDispatchMode):
         if func.overloadpacket.__name__ in HOST_SYNC_OPS:
             self.syncs.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# The `fastglow` command in a subprocess, as a user runs it
+# ----------------------------------------------------------------------------------------------
+def cli_command() -> list[str]:
+    """The installed ``fastglow`` console script (``python -m fastglow`` where there is none)."""
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("fastglow")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fastglow"]
+
+
+def cli_env(extra: dict | None = None) -> dict:
+    """This process's environment with one thread, unbuffered output and no torchrun variables."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def run_cli(*args, env: dict | None = None, timeout: float = 300):
+    """``fastglow ARGS`` in a subprocess, as a user runs it -> subprocess.CompletedProcess (text output)."""
+    import subprocess
+
+    return subprocess.run(cli_command() + [str(a) for a in args], env=env or cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(run, *names, code: int = 2) -> str:
+    """``run`` failed with exit status ``code`` and exactly one line on stderr, no traceback, naming ``names``."""
+    err = run.stderr.strip()
+    assert run.returncode == code, (run.returncode, run.stderr[-3000:])
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    for name in names:
+        assert str(name) in err, (name, err)
+    return err
+
+
+def folder_state(root) -> dict:
+    """{relative path: file bytes} of every file under ``root`` (to show a command left a folder intact)."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -5,23 +5,21 @@ import pytest
 import torch
 
 import fastglow
+from benchmarks.gpu_measure import training_step
 from fastglow.testing import HostSyncDetector, initialized_model
 
 
 def _model(seed=0, device="cpu", **kwargs):
     torch.manual_seed(seed)
     x = torch.rand(2, 3, 8, 8, device=device) - 0.5
-    model = fastglow.Glow(3, 2, 2, hidden_channels=8, validate=False, **kwargs).to(device)
+    kwargs = dict(dict(validate=False, reversible_tol=None), **kwargs)
+    model = fastglow.Glow(3, 2, 2, hidden_channels=8, **kwargs).to(device)
     return initialized_model(model, x), x
 
 
 def _manual_step(model, optimizer, x):
-    optimizer.zero_grad(set_to_none=True)
-    log_p, logdet, _ = model(x)
-    loss = fastglow.bits_per_dim(log_p, logdet, x.shape, 256)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+    """A plain training step: zero_grad, bits/dim, backward, optimizer.step() (as the benchmarks take it)."""
+    return training_step(model, model, x, optimizer)
 
 
 def test_step_matches_a_plain_training_step_and_syncs_nothing():
@@ -68,6 +66,10 @@ def test_bad_use_is_refused():
     model, x = _model()
     with pytest.raises(ValueError, match="ActNorm"):
         fastglow.CudaGraphStep(fastglow.Glow(3, 2, 2, hidden_channels=8), None, x)
+    for syncing in (dict(validate=True), dict(reversible_tol="auto")):  # the NaN check, the reconstruction check
+        other, _ = _model(**syncing)
+        with pytest.raises(ValueError, match="syncs with the host"):
+            fastglow.CudaGraphStep(other, None, x)
     step = fastglow.CudaGraphStep(model, None, x)
     with pytest.raises(ValueError, match="built for"):
         step(x[:1])

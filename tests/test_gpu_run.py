@@ -2,12 +2,13 @@
 phase must produce its numbers (checked here from the JSON, not only from the run's own verdict); and the runner
 stops a phase that overruns its budget, keeping the others."""
 
-import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,6 @@ from benchmarks.gpu_measure import SCALES, measure_training
 from benchmarks.gpu_phases import largest_batch
 
 REPO = Path(__file__).resolve().parents[1]
-SCALES_AS_DICT = dataclasses.asdict(SCALES["cpu"])
 SMOKE_BUDGET_S = 85
 
 
@@ -27,13 +27,18 @@ def _positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+def _run(out, budget: float, *flags):
+    """The command in a fresh process, as a user runs it (it decides TRITON_INTERPRET itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", "--out", str(out), "--scale", "cpu",
+                           "--budget", str(budget), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=budget + 30)
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_run")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the runner sets it per phase
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", "--out", str(out), "--scale", "cpu",
-                           "--budget", str(SMOKE_BUDGET_S)], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=SMOKE_BUDGET_S + 30)
+    proc = _run(out, SMOKE_BUDGET_S)
     return proc, out, json.loads((out / "results.json").read_text())["phases"]
 
 
@@ -76,29 +81,45 @@ def test_every_phase_recorded_its_numbers(smoke):
     assert all(r["log_p"] < 1e-4 and r["grads_max"] < 1e-3 for r in d["accuracy"]["vs_reference"])
     assert len(d["gpu_options"]["variants"]) == 6
     assert all(_positive(r["ms"]) for r in d["gpu_options"]["variants"].values())
+    for impl in ("fastglow-reversible", "eager"):
+        assert d["profile"]["impls"][impl]["top"] and _positive(d["profile"]["impls"][impl]["top"][0]["ms"])
 
 
-def test_a_phase_past_its_budget_is_stopped_and_reported(tmp_path, monkeypatch):
+def test_a_phase_past_its_budget_is_killed_with_what_it_started(tmp_path, monkeypatch):
     (tmp_path / "logs").mkdir()
     monkeypatch.setattr(gpu_run, "GRACE_S", 0.0)
     args = gpu_run.build_parser().parse_args(["--out", str(tmp_path)])
-    phase = next(p for p in gpu_run.PHASES if p.name == "train_cifar")
-    record = gpu_run.run_phase(phase, args, "cpu", seconds=0.5)  # cannot even import torch in time
+    phase = next(p for p in gpu_run.PHASES if p.name == "tests")  # waits at least 1 s on its pytest
+    record = gpu_run.run_phase(phase, args, "cpu", seconds=0.5)
     assert record["status"] == "timeout" and record["seconds"] < 3
+    pytest_pid = int(re.search(r"pytest pid (\d+)", (tmp_path / "logs" / "tests.log").read_text()).group(1))
+    assert _gone(pytest_pid)  # the phase's pytest went with it
     judged = gpu_run.judge(phase, record, {}, args)
-    assert judged["status"] == "timeout" and "no numbers recorded" in judged["message"]
+    assert judged["status"] == "timeout" and "budget" in judged["message"]  # not re-labelled "incomplete"
+
+
+def _gone(pid: int, wait_s: float = 1.0) -> bool:
+    """The process no longer runs (reaped, or a zombie waiting for init to reap it)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_a_failing_implementation_costs_its_row_only(tmp_path):
-    (tmp_path / "logs").mkdir()
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.py").write_text("raise RuntimeError('not a Glow')\n")
-    args = gpu_run.build_parser().parse_args(["--out", str(tmp_path), "--rosinality", str(tmp_path / "broken")])
-    phase = next(p for p in gpu_run.PHASES if p.name == "train_cifar")
-    record = gpu_run.judge(phase, gpu_run.run_phase(phase, args, "cpu", seconds=60), SCALES_AS_DICT, args)
-    assert record["status"] == "incomplete" and "rosinality: error: RuntimeError: not a Glow" in record["message"]
+    proc = _run(tmp_path / "out", 60, "--phases", "train_cifar", "--rosinality", str(tmp_path / "broken"))
+    record = json.loads((tmp_path / "out" / "results.json").read_text())["phases"]["train_cifar"]
+    assert proc.returncode == 1 and record["status"] == "incomplete"
+    assert "rosinality: error: RuntimeError: not a Glow" in record["message"]
     assert all(_positive(record["data"]["impls"][i]["ms"]) for i in gpu_run.TRAIN)
-    assert "not a Glow" in (tmp_path / "logs" / "train_cifar.log").read_text()  # the traceback, for the reader
+    assert "not a Glow" in (tmp_path / "out" / "logs" / "train_cifar.log").read_text()  # the traceback
 
 
 def test_a_phase_that_exits_cleanly_without_numbers_is_incomplete():

@@ -8,7 +8,7 @@ import torch
 
 import fastglow
 from fastglow import reference
-from fastglow.testing import initialized_model, models_on_one_state
+from fastglow.testing import models_on_one_state
 
 FLOW_KEYS_LU = ["w_p", "u_mask", "l_mask", "s_sign", "l_eye", "w_l", "w_s", "w_u"]
 

@@ -137,9 +137,11 @@ def test_optimizer_steps_with_accumulated_gradients_match_plain():
         torch.testing.assert_close(params_r[name], p, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_backward_reconstructs_k_minus_one_inputs_and_recomputes_each_step_once():
+def test_backward_evaluates_each_coupling_network_once_and_no_step_twice():
+    """The one extra network forward per step: backward runs every coupling network once (rebuilding the step
+    input and backpropagating from that one evaluation), and neither a step's forward nor its inverse."""
     _, rev, x = _pair(n_flow=5, n_block=1)
-    flows, calls = rev.blocks[0].flows, {"forward": 0, "inverse": 0}
+    flows, calls = rev.blocks[0].flows, {"forward": 0, "inverse": 0, "network": 0}
 
     class CountingSteps(EagerSteps):
         """Counts the steps run forward and inverted."""
@@ -152,11 +154,13 @@ def test_backward_reconstructs_k_minus_one_inputs_and_recomputes_each_step_once(
             calls["inverse"] += len(steps)
             return super().inverse(steps, v)
 
+    for flow in flows:
+        flow.coupling.net.register_forward_hook(lambda *_: calls.__setitem__("network", calls["network"] + 1))
     xi = fastglow.reference.squeeze2d(x).requires_grad_()
     y, logdet = reversible_steps(flows, xi, CountingSteps())
-    assert calls == {"forward": 5, "inverse": 0}
+    assert calls == {"forward": 5, "inverse": 0, "network": 5}
     (y.square().sum() + logdet.sum()).backward()
-    assert calls == {"forward": 10, "inverse": 4}  # step 0 is recomputed from the stored level input
+    assert calls == {"forward": 5, "inverse": 0, "network": 10}
 
 
 def test_saved_tensors_flat_in_depth_and_level_output_costs_nothing():

@@ -101,9 +101,9 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, capsys):
     real_loss, calls = loop.training_loss, []
 
-    def flaky_loss(model, x, n_bins):  # non-finite on steps 3 and 4, and from step 7 on
+    def flaky_loss(model, x, n_bins, y=None):  # non-finite on steps 3 and 4, and from step 7 on
         calls.append(1)
-        loss = real_loss(model, x, n_bins)
+        loss = real_loss(model, x, n_bins, y)
         bad = len(calls) in (3, 4) or len(calls) >= 7
         return loss * float("nan") if bad else loss
 

@@ -13,23 +13,30 @@ A training checkpoint is a dict readable with ``torch.load(f, weights_only=True)
 Written to ``<out>/checkpoints/step_<step>.pt`` as temp file in the same folder -> flush -> fsync -> rename
 (``os.replace`` is atomic), then the folder is fsynced: a crash leaves the old file or the new one, never half
 of one. Anything else in the folder (a ``.tmp`` left by a killed writer) is ignored and cleaned up.
+
+Each checkpoint carries its run's ``run_id``; the rotation (keep the newest N) counts and deletes only readable
+checkpoints of the run being written. A file of another run, or one that does not load, is never counted and
+never deleted; one that sits where a new checkpoint must go is renamed aside (``<name>.set-aside-<k>``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pickle
 import random
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .. import Glow
-from .errors import CheckpointError, one_line
+from .errors import CheckpointError, InputError, one_line
 
 FORMAT = "fastglow-checkpoint"
 VERSION = 1
@@ -91,12 +98,54 @@ def remove_temp_files(out) -> None:
 
 
 def save_checkpoint(out, step: int, payload: dict, keep: int) -> Path:
-    """Write ``<out>/checkpoints/step_<step>.pt`` atomically, then delete all but the newest ``keep``."""
+    """Write ``<out>/checkpoints/step_<step>.pt`` atomically, then delete all but the newest ``keep`` readable
+    checkpoints of the same run (``payload["run_id"]``); other files are never deleted."""
     path = checkpoint_dir(out) / f"step_{step:08d}.pt"
+    run_id = payload.get("run_id")
+    if path.exists() and run_of(path) != run_id:
+        _set_aside(path)
     atomic_save({"format": FORMAT, "version": VERSION, "step": step, **payload}, path)
-    for _, old in list_checkpoints(out)[keep:]:
+    ours = [p for _, p in list_checkpoints(out) if p == path or run_of(p) == run_id]
+    for old in ours[keep:]:
         old.unlink(missing_ok=True)
     return path
+
+
+_UNREADABLE = object()
+
+
+def run_of(path: Path):
+    """The ``run_id`` of the training checkpoint at ``path`` (None if it has none), or a marker no run id equals
+    if it does not load; read once per file version (memory-mapped: only the pickle is parsed)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return _UNREADABLE
+    return _run_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_of(path: str, _size: int, _mtime_ns: int):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any failure: not a readable checkpoint
+        return _UNREADABLE
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        return _UNREADABLE
+    return ckpt.get("run_id")
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename ``path`` to the first free ``<name>.set-aside-<k>`` (never overwrite or delete a file)."""
+    k = 1
+    while (target := path.with_name(f"{path.name}.set-aside-{k}")).exists():
+        k += 1
+    os.replace(path, target)
+    print(f"fastglow: warning: {path} is not a checkpoint of this run; renamed it to {target.name}",
+          file=sys.stderr)
+    return target
 
 
 def load_file(path) -> dict:
@@ -105,13 +154,23 @@ def load_file(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - truncated zip, bad pickle, wrong format: all "corrupt"
-        raise CheckpointError(f"{path}: not a readable checkpoint, the file is corrupt or truncated "
-                              f"({one_line(err)})") from None
+        raise CheckpointError(f"{path}: {_unreadable_reason(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, expected a state_dict or a fastglow checkpoint")
     return obj
+
+
+def _unreadable_reason(err: Exception) -> str:
+    """Our own words for a failed torch.load (torch's own message may advise weights_only=False, which is
+    unsafe for a file of unknown origin: unpickling arbitrary objects can run code)."""
+    if isinstance(err, pickle.UnpicklingError):
+        return ("not a fastglow/rosinality checkpoint: it is corrupt, or it holds pickled Python objects "
+                "beyond tensors, which fastglow does not load")
+    return "not a fastglow/rosinality checkpoint: the file is corrupt, truncated or not a PyTorch file"
 
 
 def load_training_checkpoint(path) -> dict:
@@ -122,14 +181,21 @@ def load_training_checkpoint(path) -> dict:
     return ckpt
 
 
-def newest_valid_checkpoint(out) -> tuple[Path, dict] | None:
-    """The newest checkpoint under ``out`` that loads; unreadable newer ones are skipped with a warning."""
+def warn_skipped(skipped: list[tuple[Path, CheckpointError]]) -> None:
+    for _, err in skipped:
+        print(f"fastglow: warning: skipping {err}", file=sys.stderr)
+
+
+def scan_checkpoints(out) -> tuple[tuple[Path, dict] | None, list[tuple[Path, CheckpointError]]]:
+    """(the newest checkpoint under ``out`` that loads as (path, checkpoint), or None; (path, error) of each
+    newer one that does not), printing nothing."""
+    skipped = []
     for _, path in list_checkpoints(out):
         try:
-            return path, load_training_checkpoint(path)
+            return (path, load_training_checkpoint(path)), skipped
         except CheckpointError as err:
-            print(f"fastglow: warning: skipping {err}", file=sys.stderr)
-    return None
+            skipped.append((path, err))
+    return None, skipped
 
 
 class MetricsLog:
@@ -147,15 +213,21 @@ class MetricsLog:
         if not (self.enabled and self.path.is_file()):
             return
         kept = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
+                record = json.loads(line)
             except json.JSONDecodeError:
-                pass  # a line cut short by a kill
+                continue  # a line cut short by a kill, or bytes that are not a record
+            if isinstance(record, dict) and _step_of(record) <= step:
+                kept.append(line)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+def _step_of(record: dict) -> float:
+    step = record.get("step", 0)
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else float("inf")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,9 +277,19 @@ def infer_shape(state_dict: dict, path) -> dict:
         raise CheckpointError(f"{path}: not a Glow state_dict (rosinality's keys blocks.<i>.flows.<k>... "
                               "are missing)") from None
     return {"in_channel": squeezed // 4, "n_flow": n_flow, "n_block": n_block, "hidden": net0.shape[0],
-            "affine": out4 == squeezed,
+            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path),
             # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter)
             "conv_lu": "blocks.0.flows.0.invconv.w_p" in state_dict if n_block > 1 else None}
+
+
+def _n_classes(state_dict: dict, path) -> int | None:
+    """A class-conditional model's class count, read off class_prior.weight (2 C_top, n_classes); else None."""
+    weight = state_dict.get("class_prior.weight")
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] < 2:
+        raise CheckpointError(f"{path}: class_prior.weight is not a (channels, n_classes >= 2) matrix")
+    return weight.shape[1]
 
 
 def _flag(key: str, value) -> str:
@@ -223,7 +305,8 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
 
     ``flags`` holds the model-shape flags the user gave (None when not given): they must agree with the
     checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
-    n_bins (from the config, or 2**n_bits, default 5 bits) and the run's config (None for a bare state_dict).
+    n_bins (from the config, or 2**n_bits, default 5 bits), the run's config (None for a bare state_dict), the
+    model's shape and, class-conditional models, ``class_names`` (from the config, else None).
     """
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
@@ -245,7 +328,8 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
         n_bins = 2 ** (flags.get("n_bits") or 5)
     shape["conv_lu"] = shape["conv_lu"] is not False
     model = Glow(shape["in_channel"], shape["n_flow"], shape["n_block"], affine=shape["affine"],
-                 conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False)
+                 conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False,
+                 n_classes=shape["n_classes"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -253,4 +337,56 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     if img_size % 2 ** shape["n_block"]:
         raise CheckpointError(f"{path}: --img-size {img_size} is not a multiple of 2**n_block = "
                               f"{2 ** shape['n_block']}")
-    return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config, **shape}
+    class_names = (config or {}).get("class_names") if shape["n_classes"] else None
+    return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config,
+                                     "class_names": class_names, **shape}
+
+
+def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_key: str | None):
+    """The data set a loaded checkpoint (``info`` from :func:`load_model`) is evaluated on: ``data``, else the
+    run's own, checked against the model -> (its name, levels, int64 class labels, or None when the model is
+    unconditional)."""
+    from .data import load_dataset, load_labels
+
+    config = info["config"] or {}
+    data = data or config.get("data")
+    if data is None:
+        raise InputError(f"{path}: a bare state_dict has no training data recorded; pass --data")
+    if data == "digits" and (info["in_channel"], info["img_size"]) != (1, 8):
+        raise InputError(f"{path}: the model takes {info['in_channel']}x{info['img_size']}x{info['img_size']} "
+                         "images, the digits are 1x8x8")
+    if config and n_bits not in (None, config.get("n_bits")):
+        raise InputError(f"{path}: the model was trained with --n-bits {config.get('n_bits')}")
+    n_bits = n_bits if n_bits is not None else config.get("n_bits")
+    levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
+                                  None if data == "digits" else info["in_channel"], n_bits, npz_key)
+    if n_bins != info["n_bins"] and config:
+        raise InputError(f"{data}: has {n_bins} levels per channel, the model was trained on {info['n_bins']}")
+    if not info["n_classes"]:
+        return data, levels, None
+    labels, names = load_labels(data, levels.shape[0])
+    if info["class_names"] and names != info["class_names"]:
+        raise InputError(f"{data}: has the classes {_some(names)}, the model was trained on "
+                         f"{_some(info['class_names'])}")
+    if len(names) != info["n_classes"]:
+        raise InputError(f"{data}: has {len(names)} classes, the model was trained on {info['n_classes']}")
+    return data, levels, labels
+
+
+def _some(names: list[str]) -> str:
+    return str(names) if len(names) <= 12 else f"{names[:10]} ... ({len(names)} classes)"
+
+
+def run_split(levels, labels, split: str, data: str, config: dict):
+    """A run's "train" or "test" split (test fraction and seed from its ``config``), or "all" ->
+    (levels, labels); ``labels`` None stays None."""
+    from .classes import split_labels
+    from .data import split_dataset
+
+    if split == "all":
+        return levels, labels
+    fraction = config.get("test_fraction") or (0.2 if data == "digits" else 0.1)
+    seed = config.get("split_seed", 0)
+    train_set, test_set = split_dataset(levels, fraction, torch.Generator().manual_seed(seed))
+    train_labels, test_labels = split_labels(labels, fraction, seed)
+    return (test_set, test_labels) if split == "test" else (train_set, train_labels)

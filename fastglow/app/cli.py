@@ -1,67 +1,41 @@
-"""The ``fastglow`` command: train, sample, eval, interpolate.
+"""The ``fastglow`` command: train, sample, eval, interpolate, morph.
 
 Bad input (a missing/empty/unreadable data set, images smaller than --img-size, a corrupt checkpoint or one of
-another shape) ends with one line on stderr naming the file and the problem, and exit status 2; a run stopped
-by non-finite losses exits with 1; Ctrl-C with 130.
+another shape, or whose weights do not decode; a bad flag) ends with one line on stderr naming the file and the
+problem, and exit status 2; a run that diverged (non-finite losses, a model that no longer inverts) exits with 1
+after keeping its last sound weights; Ctrl-C with 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
 
 from .. import __version__, z_shapes
+from . import flags
 from .errors import InputError, TrainingError
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _channels(text: str):
-    if text == "auto":
-        return None
-    if text not in ("1", "3"):
-        raise argparse.ArgumentTypeError(f"must be 1, 3 or auto, got {text}")
-    return int(text)
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
-    return value
 
 
 def _add_data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'digits' (scikit-learn's 8x8 digits, 17 levels; the default for train), "
                                   "a folder of images, or an .npz of uint8 images")
-    g.add_argument("--img-size", type=_positive_int, help="resize the shorter side to this and centre-crop "
+    g.add_argument("--img-size", type=flags.positive_int, help="resize the shorter side to this and centre-crop "
                                                           "(folders: 64; .npz: native size)")
-    g.add_argument("--channels", type=_channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
-    g.add_argument("--n-bits", type=int, help="quantise 8-bit images to this many bits (default 5, as rosinality)")
+    g.add_argument("--channels", type=flags.channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
+    g.add_argument("--n-bits", type=flags.n_bits, help="quantise 8-bit images to this many bits (default 5, as rosinality)")
     g.add_argument("--npz-key", help="the .npz array to read (default 'images', or the archive's only array)")
     return g
 
 
 def _add_image_output_flags(p) -> None:
     """Flags of the commands that write images: zoom, and what a bare state_dict cannot tell."""
-    p.add_argument("--zoom", type=_positive_int, default=1, help="upscale each image by this factor")
-    p.add_argument("--img-size", type=_positive_int, help="bare state_dicts: image size (default 64)")
-    p.add_argument("--n-bits", type=int, help="bare state_dicts: bits per channel (default 5)")
+    p.add_argument("--zoom", type=flags.positive_int, default=1, help="upscale each image by this factor")
+    p.add_argument("--img-size", type=flags.positive_int, help="bare state_dicts: image size (default 64)")
+    p.add_argument("--n-bits", type=flags.n_bits, help="bare state_dicts: bits per channel (default 5)")
 
 
 def _add_shape_flags(p, defaults=None) -> None:
@@ -69,10 +43,10 @@ def _add_shape_flags(p, defaults=None) -> None:
     g = p.add_argument_group("model" if defaults else "model shape (read off the checkpoint; if given, must match)")
     d = (lambda name: f" (default {getattr(defaults, name)})") if defaults else (lambda name: "")
     if not defaults:
-        g.add_argument("--in-channel", type=_positive_int, help="image channels")
-    g.add_argument("--n-flow", type=_positive_int, help="flow steps per level (K)" + d("n_flow"))
-    g.add_argument("--n-block", type=_positive_int, help="levels (L)" + d("n_block"))
-    g.add_argument("--hidden", type=_positive_int, help="coupling network width" + d("hidden"))
+        g.add_argument("--in-channel", type=flags.positive_int, help="image channels")
+    g.add_argument("--n-flow", type=flags.positive_int, help="flow steps per level (K)" + d("n_flow"))
+    g.add_argument("--n-block", type=flags.positive_int, help="levels (L)" + d("n_block"))
+    g.add_argument("--hidden", type=flags.positive_int, help="coupling network width" + d("hidden"))
     coupling = g.add_mutually_exclusive_group()
     coupling.add_argument("--affine", dest="affine", action="store_const", const=True,
                           help="affine coupling" + (" (the default)" if defaults else ""))
@@ -99,59 +73,74 @@ def _add_train_command(sub) -> None:
                                    "--img-size 64 --n-bits 5 --additive --cooldown 0. Under torchrun, --batch "
                                    "is the global batch.")
     g = _add_data_flags(t)
-    g.add_argument("--test-fraction", type=_fraction, help="held-out share (digits 0.2, else 0.1)")
+    g.add_argument("--test-fraction", type=flags.open_fraction, help="held-out share (digits 0.2, else 0.1)")
     g.add_argument("--split-seed", type=int, help="seed of the train/held-out split (default 0)")
     _add_shape_flags(t, defaults=C)
+    c = t.add_argument_group("classes")
+    c.add_argument("--conditional", action="store_const", const=True,
+                   help="class-conditional Glow: the top prior depends on the label (digits: 0-9; a folder: one "
+                        "subfolder per class; an .npz: its 'labels' array), plus an auxiliary classifier")
+    c.add_argument("--class-weight", type=flags.non_negative_float,
+                   help=f"weight of the classifier's cross-entropy (bits) in the loss (default {C.class_weight})")
     g = _add_execution_flags(t)
     g.add_argument("--reversible", dest="reversible", action="store_const", const=True,
                    help="constant-memory backprop (the default)")
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
-    g.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=flags.positive_int, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
                    help="replay each step's forward and backward from a CUDA graph captured at the first step "
                         "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
     o = t.add_argument_group("optimisation")
-    o.add_argument("--batch", type=_positive_int, help=f"global batch size (default {C.batch})")
-    o.add_argument("--lr", type=float, help=f"Adam learning rate (default {C.lr})")
-    o.add_argument("--warmup", type=_non_negative_int, help=f"linear warm-up steps (default {C.warmup})")
-    o.add_argument("--cooldown", type=_non_negative_int,
-                   help=f"decay the lr linearly to 0 over the last this many steps (default {C.cooldown}; "
+    o.add_argument("--batch", type=flags.positive_int, help=f"global batch size (default {C.batch})")
+    o.add_argument("--lr", type=flags.learning_rate, help=f"Adam learning rate (default {C.lr})")
+    o.add_argument("--warmup", type=flags.non_negative_int, help=f"linear warm-up steps (default {C.warmup})")
+    o.add_argument("--cooldown", type=flags.non_negative_int,
+                   help="decay the lr linearly to 0 over the last this many steps (default: half of --steps; "
                         "0: constant, as rosinality)")
-    o.add_argument("--steps", type=_positive_int, help=f"total training steps (default {C.steps})")
+    o.add_argument("--steps", type=flags.positive_int, help=f"total training steps (default {C.steps})")
     o.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")
-    o.add_argument("--max-bad-steps", type=_positive_int,
+    o.add_argument("--max-bad-steps", type=flags.positive_int,
                    help=f"stop after this many consecutive non-finite losses (default {C.max_bad_steps})")
     r = t.add_argument_group("run")
     r.add_argument("--out", help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
-    r.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
-    r.add_argument("--eval-every", type=_non_negative_int, help=f"steps between held-out evaluations and sample "
+    start = r.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    start.add_argument("--new-run", action="store_true",
+                       help="start a new run in an --out that holds an earlier run with no readable checkpoint; "
+                            "its files move (never deleted) to --out/earlier-run-<UTC time>/")
+    r.add_argument("--eval-every", type=flags.non_negative_int, help=f"steps between held-out evaluations and sample "
                                                                  f"grids (default {C.eval_every}; 0: at the end)")
-    r.add_argument("--ckpt-every", type=_non_negative_int, help=f"steps between checkpoints (default "
+    r.add_argument("--ckpt-every", type=flags.non_negative_int, help=f"steps between checkpoints (default "
                                                                  f"{C.ckpt_every}; 0: at the end)")
-    r.add_argument("--keep", type=_positive_int, help=f"checkpoints kept (default {C.keep})")
-    r.add_argument("--log-every", type=_positive_int, help=f"steps per metrics.jsonl line (default {C.log_every})")
-    r.add_argument("--eval-batch", type=_positive_int, help=f"evaluation batch (default {C.eval_batch})")
-    r.add_argument("--temperature", type=float, help=f"sampling temperature of the grids (default {C.temperature})")
-    r.add_argument("--n-sample", type=_positive_int, help=f"images per sample grid (default {C.n_sample})")
-    r.add_argument("--zoom", type=_positive_int, help="upscale grid images by this factor (default 1)")
+    r.add_argument("--keep", type=flags.positive_int, help=f"checkpoints kept (default {C.keep})")
+    r.add_argument("--log-every", type=flags.positive_int, help=f"steps per metrics.jsonl line (default {C.log_every})")
+    r.add_argument("--eval-batch", type=flags.positive_int, help=f"evaluation batch (default {C.eval_batch})")
+    r.add_argument("--temperature", type=flags.temperature,
+                   help=f"sampling temperature of the grids (default {C.temperature})")
+    r.add_argument("--n-sample", type=flags.positive_int, help=f"images per sample grid (default {C.n_sample})")
+    r.add_argument("--zoom", type=flags.positive_int, help="upscale grid images by this factor (default 1)")
     r.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     t.set_defaults(run=_train)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
+    parser = flags.OneLineParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train_command(sub)
 
     s = sub.add_parser("sample", help="draw a grid of samples from a checkpoint")
     s.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
-    s.add_argument("--n", type=_positive_int, default=64, help="number of samples (default 64)")
-    s.add_argument("--temperature", type=float, default=0.7, help="latent temperature (default 0.7)")
+    s.add_argument("--n", type=flags.positive_int, help="number of samples (default 64; with --class all, per class, "
+                                                    "default 10)")
+    s.add_argument("--class", dest="classes", metavar="CLASS",
+                   help="class-conditional checkpoints: the class (id or name) of every sample, or 'all' for one "
+                        "row per class (default: each sample's class drawn uniformly)")
+    s.add_argument("--temperature", type=flags.temperature, default=0.7, help="latent temperature (default 0.7)")
     s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--nrow", type=_positive_int, help="images per row (default: a square grid)")
+    s.add_argument("--nrow", type=flags.positive_int, help="images per row (default: a square grid)")
     _add_image_output_flags(s)
     _add_shape_flags(s)
     _add_execution_flags(s)
@@ -162,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_flags(e)
     e.add_argument("--split", choices=("test", "train", "all"),
                    help="test: the run's held-out split (default for the run's own data); all: every image")
-    e.add_argument("--batch", type=_positive_int, default=256)
+    e.add_argument("--batch", type=flags.positive_int, default=256)
     e.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
     _add_shape_flags(e)
     _add_execution_flags(e)
@@ -177,7 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_shape_flags(i)
     _add_execution_flags(i)
     i.set_defaults(run=_interpolate)
+    _add_morph_command(sub)
     return parser
+
+
+def _add_morph_command(sub) -> None:
+    m = sub.add_parser("morph", help="class-conditional checkpoints: a strip moving a held-out image of one class "
+                                     "toward another (along the difference of the class-mean latents)")
+    m.add_argument("--ckpt", required=True, help="a checkpoint trained with --conditional")
+    m.add_argument("--from", dest="class_from", required=True, metavar="CLASS", help="class (id or name) of the image")
+    m.add_argument("--to", dest="class_to", required=True, metavar="CLASS", help="class (id or name) to move toward")
+    m.add_argument("--index", type=flags.non_negative_int, default=0,
+                   help="which held-out image of class --from (default 0, the first)")
+    m.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
+    m.add_argument("--out", default="morph.png", help="PNG to write (default morph.png)")
+    m.add_argument("--data", help="the data set (default: the run's own); class means come from its training split")
+    m.add_argument("--npz-key", help="the .npz array to read (as for train)")
+    m.add_argument("--batch", type=flags.positive_int, default=256)
+    _add_image_output_flags(m)
+    _add_shape_flags(m)
+    _add_execution_flags(m)
+    m.set_defaults(run=_morph)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,11 +198,13 @@ def _train(args: argparse.Namespace) -> int:
 
     fields = {f for f in TrainConfig.__dataclass_fields__ if f != "n_bins"}
     options = {k: v for k, v in vars(args).items() if k in fields}
-    options["resume"] = args.resume
+    options["resume"], options["new_run"] = args.resume, args.new_run
     summary = train(options)
     if summary["rank"] == 0:
         print(f"step {summary['step']}: test bits/dim {summary['test_bpd']:.4f} "
               f"({summary['elapsed_s']:.1f} s of training, {summary['skipped']} steps skipped)")
+        if summary["test_accuracy"] is not None:
+            print(f"held-out classification accuracy {summary['test_accuracy']:.4f}")
         print(f"samples: {summary['sample']}")
         print(f"checkpoint: {summary['checkpoint']}")
     return 0
@@ -206,9 +217,20 @@ def _model_flags(args) -> dict:
 
 def _load(args, default_img_size: int = 64):
     from .checkpoint import load_model
-    from .distributed import pick_device
-    return load_model(args.ckpt, _model_flags(args), pick_device(args.device), args.backend or "auto",
-                      default_img_size)
+    from .distributed import pick_backend, pick_device
+    device = pick_device(args.device)
+    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device), default_img_size)
+
+
+def _decode(model, z_list, args, y=None, reconstruct: bool = False):
+    """Latents (and classes y) -> images, or an InputError naming the checkpoint when its weights do not decode."""
+    from .guard import decode
+
+    images, why = decode(model, z_list, y, reconstruct=reconstruct)
+    if why:
+        raise InputError(f"{args.ckpt}: {why}: the checkpoint's weights are unusable (diverged?); "
+                         "use an earlier checkpoint")
+    return images
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -217,13 +239,34 @@ def _sample(args: argparse.Namespace) -> int:
     model, info = _load(args)
     gen = torch.Generator().manual_seed(args.seed)
     device = next(model.parameters()).device
-    z = [args.temperature * torch.randn(args.n, *s, generator=gen).to(device)
+    y, nrow = _sample_classes(args, info, gen)
+    n = (args.n or 64) if y is None else y.shape[0]
+    z = [args.temperature * torch.randn(n, *s, generator=gen).to(device)
          for s in _z_shapes(info)]
-    with torch.no_grad():
-        images = model.reverse(z)
-    save_image_grid(images, args.out, info["n_bins"], nrow=args.nrow, zoom=args.zoom)
-    print(f"{args.n} samples at temperature {args.temperature} -> {args.out}")
+    images = _decode(model, z, args, None if y is None else y.to(device))
+    save_image_grid(images, args.out, info["n_bins"], nrow=nrow, zoom=args.zoom)
+    print(f"{n} samples at temperature {args.temperature} -> {args.out}")
     return 0
+
+
+def _sample_classes(args, info, gen: torch.Generator):
+    """(labels of the samples or None, images per row) for ``fastglow sample``'s --class, --n and --nrow."""
+    from .classes import class_grid_labels, resolve_class
+
+    n_classes = info["n_classes"]
+    if n_classes is None:
+        if args.classes is not None:
+            raise InputError(f"{args.ckpt}: the model is unconditional; --class needs a checkpoint trained "
+                             "with --conditional")
+        return None, args.nrow
+    if args.classes == "all":
+        per_class = args.n or 10
+        return class_grid_labels(n_classes, per_class), per_class
+    n = args.n or 64
+    if args.classes is None:
+        return torch.randint(n_classes, (n,), generator=gen), args.nrow
+    k = resolve_class(args.classes, info["class_names"], n_classes, "--class")
+    return torch.full((n,), k, dtype=torch.int64), args.nrow
 
 
 def _z_shapes(info):
@@ -231,35 +274,27 @@ def _z_shapes(info):
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .data import load_dataset, split_dataset
+    from .checkpoint import checkpoint_data, run_split
+    from .classes import classification_accuracy
     from .distributed import Dist
     from .loop import evaluate
 
     model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
     config = info["config"] or {}
-    data = args.data or config.get("data")
-    if data is None:
-        raise InputError(f"{args.ckpt}: a bare state_dict has no training data recorded; pass --data")
-    if data == "digits" and (info["in_channel"], info["img_size"]) != (1, 8):
-        raise InputError(f"{args.ckpt}: the model takes {info['in_channel']}x{info['img_size']}x{info['img_size']} "
-                         "images, the digits are 1x8x8")
-    n_bits = args.n_bits if args.n_bits is not None else config.get("n_bits")
-    if config and args.n_bits not in (None, config.get("n_bits")):
-        raise InputError(f"{args.ckpt}: the model was trained with --n-bits {config.get('n_bits')}")
-    levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
-                                  None if data == "digits" else info["in_channel"], n_bits, args.npz_key)
-    if n_bins != info["n_bins"] and config:
-        raise InputError(f"{data}: has {n_bins} levels per channel, the model was trained on {info['n_bins']}")
+    data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
     own_data = bool(config) and _same_data(data, config.get("data"))
     split = args.split or ("test" if own_data else "all")
-    if split != "all":
-        fraction = config.get("test_fraction") or (0.2 if data == "digits" else 0.1)
-        seed = config.get("split_seed", 0)
-        train_set, test_set = split_dataset(levels, fraction, torch.Generator().manual_seed(seed))
-        levels = test_set if split == "test" else train_set
+    levels, labels = run_split(levels, labels, split, data, config)
     device = next(model.parameters()).device
-    bpd = evaluate(model, levels, n_bins, args.batch, args.seed, Dist(0, 1, device))
-    print(f"{split} bits/dim {bpd:.4f} on {levels.shape[0]} images of {data}")
+    bpd = evaluate(model, levels, info["n_bins"], args.batch, args.seed, Dist(0, 1, device), labels)
+    if not math.isfinite(bpd):
+        raise InputError(f"{args.ckpt}: the bits/dim is {bpd}: the checkpoint's weights are unusable (diverged?); "
+                         "use an earlier checkpoint")
+    accuracy = ""
+    if labels is not None:
+        correct = classification_accuracy(model, levels, labels, info["n_bins"], args.batch, device)
+        accuracy = f" given their classes, classification accuracy {correct:.4f}"
+    print(f"{split} bits/dim {bpd:.4f} on {levels.shape[0]} images of {data}{accuracy}")
     return 0
 
 
@@ -280,12 +315,44 @@ def _interpolate(args: argparse.Namespace) -> int:
     ends = [to_levels(read_image(p, info["img_size"], info["in_channel"]), info["n_bins"]) for p in args.images]
     x = bin_centres(torch.stack(ends), info["n_bins"]).to(device)
     with torch.no_grad():
-        _, _, z_outs = model(x)
+        z_outs = model.encode(x)
         t = torch.linspace(0, 1, args.steps, device=device).view(-1, 1, 1, 1)
         path = [(1 - t) * z[0:1] + t * z[1:2] for z in z_outs]  # z_t = (1 - t) z_A + t z_B, every level
-        images = model.reverse(path, reconstruct=True)
+    images = _decode(model, path, args, reconstruct=True)
     save_png(image_grid(to_pixels(images, info["n_bins"]), nrow=args.steps, zoom=args.zoom), args.out)
     print(f"{args.steps} images from {args.images[0]} to {args.images[1]} -> {args.out}")
+    return 0
+
+
+def _morph(args: argparse.Namespace) -> int:
+    from .checkpoint import checkpoint_data, run_split
+    from .classes import class_mean_latents, morph_path, resolve_class
+    from .data import bin_centres, image_grid, save_png, to_pixels
+
+    if args.steps < 2:
+        raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
+    model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
+    if info["n_classes"] is None:
+        raise InputError(f"{args.ckpt}: the model is unconditional; morph needs a checkpoint trained with "
+                         "--conditional")
+    a, b = (resolve_class(text, info["class_names"], info["n_classes"], flag)
+            for text, flag in ((args.class_from, "--from"), (args.class_to, "--to")))
+    data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
+    train_set, train_labels = run_split(levels, labels, "train", data, info["config"] or {})
+    test_set, test_labels = run_split(levels, labels, "test", data, info["config"] or {})
+    held_out = test_set[test_labels == a]
+    if args.index >= held_out.shape[0]:
+        raise InputError(f"--index {args.index}: the held-out split has {held_out.shape[0]} images of class "
+                         f"{args.class_from}")
+    device, n_bins = next(model.parameters()).device, info["n_bins"]
+    means = class_mean_latents(model, train_set, train_labels, (a, b), n_bins, args.batch, device)
+    x = bin_centres(held_out[args.index:args.index + 1], n_bins).to(device)
+    with torch.no_grad():
+        z_outs = model(x, torch.tensor([a], device=device))[2]
+    images = _decode(model, morph_path(z_outs, means[a], means[b], args.steps), args, reconstruct=True)
+    save_png(image_grid(to_pixels(images, n_bins), nrow=args.steps, zoom=args.zoom), args.out)
+    print(f"held-out image {args.index} of class {args.class_from} moved toward class {args.class_to} in "
+          f"{args.steps} steps -> {args.out}")
     return 0
 
 

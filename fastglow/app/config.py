@@ -31,7 +31,7 @@ class TrainConfig:
     batch: int = 64
     lr: float = 2e-3
     warmup: int = 100
-    cooldown: int = 1000
+    cooldown: int | None = None  # None: the last half of the run (steps // 2)
     steps: int = 2000
     seed: int = 0
     device: str = "auto"
@@ -48,11 +48,15 @@ class TrainConfig:
     threads: int | None = None
     cuda_graph: bool = False
     n_bins: int | None = None
+    conditional: bool = False  # class-conditional: y-conditioned top prior and auxiliary classifier
+    class_weight: float = 0.01  # weight of the classifier's cross-entropy (bits) in the loss
+    n_classes: int | None = None  # from the data's labels (class-conditional runs)
+    class_names: list[str] | None = None  # class k's name (digits "0".."9", a folder's sorted subfolders)
 
 
 # Settings that define the run (data, model, data order); a resume must not change them.
 FIXED_ON_RESUME = ("data", "img_size", "channels", "n_bits", "npz_key", "test_fraction", "split_seed",
-                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "batch", "seed")
+                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "batch", "seed", "conditional")
 
 
 def resolve_config(options: dict, saved: dict | None, where: str = "") -> TrainConfig:
@@ -61,6 +65,8 @@ def resolve_config(options: dict, saved: dict | None, where: str = "") -> TrainC
     given = {k: v for k, v in options.items() if v is not None}
     if given.get("data") not in (None, "digits"):
         given["data"] = str(Path(given["data"]).resolve())
+    if given.get("cuda_graph") and (given.get("conditional") or (saved or {}).get("conditional")):
+        raise InputError("--cuda-graph does not support class-conditional runs yet (the graph holds no labels)")
     if saved is None:
         return TrainConfig(**given)
     for key in FIXED_ON_RESUME:

@@ -7,6 +7,9 @@ A data set is a uint8 tensor of quantisation *levels* (N, C, H, W) with values i
     .npz     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, under the key ``images``
              (or ``npz_key``; an archive with a single array needs none); quantised like a folder
 The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
+
+Class labels (class-conditional runs, :func:`load_labels`): the digits' own 0..9; a folder's first-level
+subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,).
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.nda
     """Every image file under ``root`` (recursively, sorted) -> uint8 (N, C, img_size, img_size)."""
     from PIL import Image
 
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = image_files(root)
     if not files:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     modes = []
@@ -100,6 +103,11 @@ def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.nda
     return out
 
 
+def image_files(root: Path) -> list[Path]:
+    """Every image file under ``root``, recursively, in the (sorted) order the data set's images have."""
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def read_image(path, img_size: int, channels: int) -> np.ndarray:
     """One image file -> uint8 (channels, img_size, img_size): shorter side resized, centre-cropped."""
     from PIL import Image
@@ -109,13 +117,28 @@ def read_image(path, img_size: int, channels: int) -> np.ndarray:
             im.load()
             if min(im.size) < img_size:
                 raise InputError(f"{path}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
-            pixels = fit_image(im.convert("L" if channels == 1 else "RGB"), img_size)
+            pixels = fit_image(to_8_bit(im, path).convert("L" if channels == 1 else "RGB"), img_size)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001
         raise InputError(f"{path}: cannot read image ({one_line(err)})") from None
     pixels = np.asarray(pixels, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+def to_8_bit(im, path):
+    """Pillow's 16-bit grey modes (and "I" holding 0..65535, as older Pillow loads 16-bit PNGs) scaled to 8-bit
+    "L", v8 = round(v16 * 255 / 65535) (Pillow's own conversion clips them at 255); float images refused."""
+    from PIL import Image
+
+    if im.mode == "F":
+        raise InputError(f"{path}: floating-point image (mode F) has no fixed range; save it as 8 or 16 bits")
+    if not im.mode.startswith("I"):
+        return im
+    values = np.asarray(im).astype(np.int64)
+    if values.size and (values.min() < 0 or values.max() > 65535):
+        raise InputError(f"{path}: 32-bit image with values outside 0..65535; save it as 8 or 16 bits")
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def fit_image(im, img_size: int):
@@ -177,6 +200,64 @@ def _refit(chw: np.ndarray, img_size: int) -> np.ndarray:
     im = Image.fromarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
     out = np.asarray(fit_image(im, img_size), dtype=np.uint8)
     return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Class labels
+# ----------------------------------------------------------------------------------------------
+NPZ_LABELS_KEY = "labels"
+
+
+def load_labels(source: str, n_images: int) -> tuple[torch.Tensor, list[str]]:
+    """Class labels of the ``n_images`` images of ``source`` (as :func:`load_dataset` orders them) ->
+    (int64 labels (N,), class names; id k names class k)."""
+    if source == "digits":
+        from sklearn.datasets import load_digits as sklearn_digits
+
+        labels, names = torch.from_numpy(sklearn_digits().target.astype(np.int64)), [str(k) for k in range(10)]
+    elif Path(source).is_dir():
+        labels, names = folder_labels(Path(source))
+    else:
+        labels, names = npz_labels(Path(source))
+    if labels.shape != (n_images,):
+        raise InputError(f"{source}: {labels.shape[0]} labels for {n_images} images")
+    if len(names) < 2:
+        raise InputError(f"{source}: a class-conditional run needs at least 2 classes, found {names}")
+    return labels, names
+
+
+def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
+    """One first-level subfolder per class: sorted subfolder names -> class ids 0, 1, ..."""
+    files = image_files(root)
+    loose = [f for f in files if f.parent == root]
+    if loose:
+        raise InputError(f"{loose[0]}: an image outside the class subfolders; a class-conditional run takes "
+                         f"one subfolder of {root} per class")
+    classes = [f.relative_to(root).parts[0] for f in files]
+    names = sorted(set(classes))
+    ids = {name: k for k, name in enumerate(names)}
+    return torch.tensor([ids[c] for c in classes], dtype=torch.int64), names
+
+
+def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """The integer array ``labels`` (N,) of an .npz, values >= 0; class k is named "k", n_classes = max + 1."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if NPZ_LABELS_KEY not in archive.files:
+                raise InputError(f"{path}: no array named {NPZ_LABELS_KEY!r} (it holds {list(archive.files)}); "
+                                 "a class-conditional run needs one class label per image")
+            labels = archive[NPZ_LABELS_KEY]
+    except InputError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise InputError(f"{path}: cannot read .npz ({one_line(err)})") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise InputError(f"{path}: {NPZ_LABELS_KEY!r} must be a 1-D integer array, got {labels.dtype} "
+                         f"of shape {labels.shape}")
+    if labels.size and labels.min() < 0:
+        raise InputError(f"{path}: {NPZ_LABELS_KEY!r} holds a negative class id ({labels.min()})")
+    n_classes = int(labels.max()) + 1 if labels.size else 0
+    return torch.from_numpy(labels.astype(np.int64)), [str(k) for k in range(n_classes)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,3 +348,27 @@ def save_png(chw: np.ndarray, path) -> None:
 def save_image_grid(x: torch.Tensor, path, n_bins: int, nrow: int | None = None, zoom: int = 1) -> None:
     """Images in model space (N, C, H, W) -> a PNG grid (quantised back to the data's levels)."""
     save_png(image_grid(to_pixels(x, n_bins), nrow=nrow, zoom=zoom), path)
+
+
+def load_split(cfg, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's data (``cfg``: its TrainConfig): load and split the data set, filling in cfg's data-derived
+    fields (channels, img_size, n_bins, n_bits, test_fraction) -> (train, test) uint8 levels."""
+    levels, n_bins = load_dataset(cfg.data, cfg.img_size, cfg.channels, cfg.n_bits, cfg.npz_key)
+    cfg.channels, cfg.img_size, cfg.n_bins = levels.shape[1], levels.shape[2], n_bins
+    if cfg.data != "digits":
+        cfg.n_bits = n_bins.bit_length() - 1
+    if levels.shape[2] != levels.shape[3]:
+        raise InputError(f"{cfg.data}: images are {levels.shape[3]}x{levels.shape[2]}; pass --img-size to "
+                         "centre-crop them square")
+    if cfg.img_size % 2 ** cfg.n_block:
+        raise InputError(f"{cfg.data}: image size {cfg.img_size} is not a multiple of 2**n_block = "
+                         f"{2 ** cfg.n_block}: use a smaller --n-block or another --img-size")
+    if cfg.test_fraction is None:
+        cfg.test_fraction = 0.2 if cfg.data == "digits" else 0.1
+    train_set, test_set = split_dataset(levels, cfg.test_fraction, torch.Generator().manual_seed(cfg.split_seed))
+    if test_set.shape[0] == 0 or train_set.shape[0] == 0:
+        raise InputError(f"{cfg.data}: {levels.shape[0]} images split by --test-fraction {cfg.test_fraction} "
+                         "leave an empty training or held-out set")
+    if cfg.batch % world:
+        raise InputError(f"--batch {cfg.batch} (the global batch) must be divisible by the {world} processes")
+    return train_set, test_set

@@ -28,12 +28,36 @@ class Dist:
 
 
 def pick_device(device: str | None) -> str:
-    """``--device``: None or "auto" -> cuda if available, else cpu; a CUDA device where there is none is refused."""
+    """``--device``: None or "auto" -> cuda if available, else cpu; anything but cpu, an available cuda[:N]
+    or an available mps is refused."""
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: CUDA is not available here")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: there are {torch.cuda.device_count()} CUDA devices here")
+    if dev.type not in ("cpu", "cuda") and not (dev.type == "mps" and torch.backends.mps.is_available()):
+        raise InputError(f"--device {device}: cannot train or sample on {dev.type} (use auto, cpu, cuda or cuda:N)")
     return device
+
+
+def pick_backend(backend: str | None, device) -> str:
+    """``--backend``: "triton" needs a CUDA device (or TRITON_INTERPRET=1 on the CPU) and triton installed."""
+    import importlib.util
+
+    from ..backends import triton_interpreter_enabled
+
+    backend = backend or "auto"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise InputError("--backend triton: triton is not installed here")
+        if torch.device(device).type != "cuda" and not triton_interpreter_enabled():
+            raise InputError(f"--backend triton runs on CUDA devices, not on {device} (use --backend eager or auto)")
+    return backend
 
 
 def setup_distributed(device: str) -> Dist:
@@ -106,4 +130,16 @@ def wrap_model(model: torch.nn.Module, dist: Dist) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
     return DistributedDataParallel(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+                                   **_no_buffer_sync_in_forward())
+
+
+def _no_buffer_sync_in_forward() -> dict:
+    """DDP's keyword for "do not broadcast buffers at each forward" (the only buffer that changes, ActNorm's
+    ``initialized``, is set identically on every rank): ``forward_sync_buffers`` where torch has it (it
+    deprecates ``broadcast_buffers`` with a FutureWarning on every rank), else ``broadcast_buffers``."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}

@@ -2,6 +2,8 @@
 
 Per step, on a global batch of B images x = (level + u) / n_bins - 1/2, u ~ U[0, 1):
     loss = bits/dim = -(log p(z) + log|det J| - D log n_bins) / (D log 2),   D = C H W
+(class-conditional runs, ``--conditional``: log p(z | y) with the image's label y, plus the auxiliary classifier's
+``model.class_loss`` = class_weight * cross-entropy in bits; the logged train_bpd is that sum)
 minimised with Adam at lr_t = lr * min(1, t / warmup) (linear warm-up, t = 1, 2, ...), optionally times
 min(1, (T - t + 1) / cooldown) (a linear decay to zero over the last ``cooldown`` of the T steps).
 
@@ -15,67 +17,37 @@ the gradients already are); ``max_bad_steps`` consecutive skips stop the run.
 
 A run is a :class:`RunState` built by :func:`start_or_resume`, advanced by :func:`train_step`, with
 :func:`evaluate_and_sample` and :func:`save` on schedule; :func:`train` runs the whole of it.
+
+Only sound weights are kept (:mod:`fastglow.app.guard`): a checkpoint is written after a probe (held-out loss
+finite, decoding finite and invertible) or an evaluation at the same step passed; a held-out loss, sample grid
+or training step that fails, or ``max_bad_steps`` skips in a row, stop the run with one line after writing the
+newest state whose training loss was finite (if it is sound and newer than the last checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .. import CudaGraphStep, Glow, bits_per_dim, z_shapes
+from .. import CudaGraphStep, Glow, z_shapes
 from . import checkpoint as ckpt_io
+from . import guard, runfolder
 from .config import TrainConfig, resolve_config
-from .data import ShuffledBatches, dequantize, load_dataset, save_image_grid, split_dataset
-from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, setup_distributed, shard,
-                          teardown, wrap_model)
-from .errors import CheckpointError, InputError, TrainingError
-
-
-# ----------------------------------------------------------------------------------------------
-# Pieces of a step
-# ----------------------------------------------------------------------------------------------
-def build_model(cfg: TrainConfig) -> Glow:
-    return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
-                hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible)
-
-
-def training_loss(model, x: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Mean bits/dim of a batch (rosinality's calc_loss)."""
-    log_p, logdet, _ = model(x)
-    return bits_per_dim(log_p, logdet, x.shape, n_bins)
-
-
-def learning_rate(cfg: TrainConfig, step: int) -> float:
-    """lr * min(1, t / warmup) * min(1, (T - t + 1) / cooldown): linear warm-up, optional linear cool-down."""
-    up = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
-    down = min(1.0, (cfg.steps - step + 1) / cfg.cooldown) if cfg.cooldown > 0 else 1.0
-    return cfg.lr * up * max(down, 0.0)
-
-
-@torch.no_grad()
-def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, dist: Dist) -> float:
-    """Mean bits/dim over ``levels`` with fixed dequantisation noise (seeded), sharded over the ranks."""
-    gen = torch.Generator().manual_seed(seed)
-    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    for start in range(0, levels.shape[0], batch):
-        x = dequantize(levels[start:start + batch], n_bins, gen)[dist.rank::dist.world].to(dist.device)
-        if x.shape[0]:
-            log_p, logdet, _ = model(x)
-            bpd = bits_per_dim(log_p, logdet, x.shape, n_bins, reduction="none")
-            total += torch.stack([bpd.double().sum(), total.new_tensor(x.shape[0])])
-    total = all_reduce_sum(total, dist)
-    return (total[0] / total[1]).item()
-
-
-def _grad_norm(params) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+from .classes import class_grid_labels, classification_accuracy, split_labels
+from .data import ShuffledBatches, dequantize, load_labels, load_split, save_image_grid
+from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, pick_backend,
+                          setup_distributed, shard, teardown, wrap_model)
+from .errors import CheckpointError, InputError, TrainingError, one_line
+from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
+from .progress import progress
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +67,9 @@ class RunState:
     log: ckpt_io.MetricsLog
     net: torch.nn.Module | None = None  # the model, in DistributedDataParallel under torchrun
     z_sample: list[torch.Tensor] = dataclasses.field(default_factory=list)  # latents of every sample grid
+    train_labels: torch.Tensor | None = None  # int64 class ids (class-conditional runs)
+    test_labels: torch.Tensor | None = None
+    y_sample: torch.Tensor | None = None  # classes of the sample grid's images: one row per class
     step: int = 0
     elapsed: float = 0.0  # training seconds so far, over every resume
     started: float = 0.0  # time.perf_counter() at which this process's elapsed would have been 0
@@ -102,25 +77,36 @@ class RunState:
     bad_run: int = 0  # of them, consecutive up to now
     window: list[float] = dataclasses.field(default_factory=list)  # train bits/dim since the last log line
     test_bpd: float | None = None
+    test_accuracy: float | None = None  # of model.classify on the held-out split (class-conditional runs)
     sample: str | None = None  # the newest sample grid
     checkpoint: str | None = None  # the newest checkpoint this process wrote
     resumed_from: str | None = None
     graph_step: CudaGraphStep | None = None  # --cuda-graph: forward and backward captured at the first step
+    run_id: str | None = None  # in every checkpoint: the rotation deletes only this run's checkpoints
+    saved_step: int = -1  # the step of the newest checkpoint written or resumed from (every rank)
+    checked_step: int = -1  # the newest step whose weights passed an evaluation or a soundness probe
+    last_good: guard.LastGood = dataclasses.field(default_factory=guard.LastGood)
 
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
 
-    def next_global_batch(self) -> torch.Tensor:
-        return dequantize(self.train_set[self.batches.next()], self.cfg.n_bins, self.data_gen)
+    def next_global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(images, their labels or None) of the next global batch."""
+        idx = self.batches.next()
+        labels = None if self.train_labels is None else self.train_labels[idx]
+        return dequantize(self.train_set[idx], self.cfg.n_bins, self.data_gen), labels
 
 
-def start_or_resume(options: dict, resume: bool, dist: Dist) -> RunState:
-    """Resume from the newest valid checkpoint in ``options["out"]`` (``resume``), or start a new run there."""
+def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = False,
+                    lock: runfolder.RunLock | None = None) -> RunState:
+    """Resume from the newest valid checkpoint in ``options["out"]`` (``resume``), or start a new run there
+    (see :mod:`fastglow.app.runfolder`); rank 0 takes ``lock`` on the folder first."""
     out = Path(options.get("out") or TrainConfig.out)
     options["out"] = str(out)
-    found = _find_checkpoint(out, resume, dist)
+    found = runfolder.find_checkpoint(out, resume, new_run, lock, dist)
     cfg = resolve_config(options, found[1]["config"] if found else None, found[0] if found else "")
+    cfg.backend = pick_backend(cfg.backend, dist.device)
     if cfg.cuda_graph and dist.world > 1:
         raise InputError("--cuda-graph runs in one process: drop it under torchrun")
     if cfg.cuda_graph and dist.device.type != "cuda" and dist.main:
@@ -132,53 +118,29 @@ def start_or_resume(options: dict, resume: bool, dist: Dist) -> RunState:
         _initialise(state, resume)
     state.net = wrap_model(state.model, dist)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    state.z_sample = [cfg.temperature * torch.randn(cfg.n_sample, *s, generator=gen)
+    n_sample = cfg.n_sample
+    if cfg.conditional:  # one row per class
+        per_class = max(1, cfg.n_sample // cfg.n_classes)
+        state.y_sample, n_sample = class_grid_labels(cfg.n_classes, per_class), per_class * cfg.n_classes
+    state.z_sample = [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
                       for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)]
     return state
 
 
-def _find_checkpoint(out: Path, resume: bool, dist: Dist):
-    """(path, checkpoint) to resume from, or None; refuses to start over a folder that holds checkpoints."""
-    if not resume:
-        if ckpt_io.list_checkpoints(out):
-            raise InputError(f"{out}: already holds checkpoints; pass --resume to continue that run, or choose "
-                             "another --out")
-        return None
-    path = None
-    if dist.main:  # rank 0 picks, so every rank loads the same file
-        ckpt_io.remove_temp_files(out)
-        newest = ckpt_io.newest_valid_checkpoint(out)
-        path = str(newest[0]) if newest else None
-    path = broadcast_object(path, dist)
-    return (path, ckpt_io.load_training_checkpoint(path)) if path else None
-
-
-def _load_data(cfg: TrainConfig, dist: Dist):
-    """Load and split the data set, filling in cfg's data-derived fields: -> (train, test) uint8 levels."""
-    levels, n_bins = load_dataset(cfg.data, cfg.img_size, cfg.channels, cfg.n_bits, cfg.npz_key)
-    cfg.channels, cfg.img_size, cfg.n_bins = levels.shape[1], levels.shape[2], n_bins
-    if cfg.data != "digits":
-        cfg.n_bits = n_bins.bit_length() - 1
-    if levels.shape[2] != levels.shape[3]:
-        raise InputError(f"{cfg.data}: images are {levels.shape[3]}x{levels.shape[2]}; pass --img-size to "
-                         "centre-crop them square")
-    if cfg.img_size % 2 ** cfg.n_block:
-        raise InputError(f"{cfg.data}: image size {cfg.img_size} is not a multiple of 2**n_block = "
-                         f"{2 ** cfg.n_block}: use a smaller --n-block or another --img-size")
-    if cfg.test_fraction is None:
-        cfg.test_fraction = 0.2 if cfg.data == "digits" else 0.1
-    train_set, test_set = split_dataset(levels, cfg.test_fraction, torch.Generator().manual_seed(cfg.split_seed))
-    if test_set.shape[0] == 0 or train_set.shape[0] == 0:
-        raise InputError(f"{cfg.data}: {levels.shape[0]} images split by --test-fraction {cfg.test_fraction} "
-                         "leave an empty training or held-out set")
-    if cfg.batch % dist.world:
-        raise InputError(f"--batch {cfg.batch} (the global batch) must be divisible by the {dist.world} processes")
-    return train_set, test_set
+def _load_class_labels(cfg: TrainConfig, n_images: int):
+    """Class-conditional runs: the data's labels split like the images, filling in cfg.n_classes and
+    cfg.class_names -> (train, test) int64 labels; (None, None) for an unconditional run."""
+    if not cfg.conditional:
+        return None, None
+    labels, cfg.class_names = load_labels(cfg.data, n_images)
+    cfg.n_classes = len(cfg.class_names)
+    return split_labels(labels, cfg.test_fraction, cfg.split_seed)
 
 
 def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     """The data, and a seeded model, optimizer and data order at step 0 (before ActNorm's init or a resume)."""
-    train_set, test_set = _load_data(cfg, dist)
+    train_set, test_set = load_split(cfg, dist.world)
+    train_labels, test_labels = _load_class_labels(cfg, train_set.shape[0] + test_set.shape[0])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -191,7 +153,8 @@ def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     log = ckpt_io.MetricsLog(Path(cfg.out) / "metrics.jsonl", dist.main)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log)
+    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log,
+                    train_labels=train_labels, test_labels=test_labels)
 
 
 def _restore(state: RunState, path: str, ckpt: dict) -> None:
@@ -204,7 +167,7 @@ def _restore(state: RunState, path: str, ckpt: dict) -> None:
     state.batches.load_state_dict(ckpt["data"])
     ckpt_io.restore_rng(ckpt["rng"], state.data_gen)
     state.step, state.elapsed, state.skipped = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("skipped", 0)
-    state.resumed_from = path
+    state.resumed_from, state.run_id, state.saved_step = path, ckpt.get("run_id"), state.step
     state.log.truncate_after(state.step)
     state.log.write(event="resume", step=state.step, checkpoint=str(path))
     if state.dist.main:
@@ -215,12 +178,12 @@ def _initialise(state: RunState, resume: bool) -> None:
     """A new run: ActNorm's data-dependent init on the whole first global batch, a fresh metrics log."""
     if resume and state.dist.main:
         print(f"no checkpoint in {state.out}: starting a new run", file=sys.stderr)
-    if state.dist.main:
-        state.log.path.unlink(missing_ok=True)  # left by a run killed before its first checkpoint
+    state.run_id = broadcast_object(uuid.uuid4().hex, state.dist)
+    x, y = state.next_global_batch()
     with torch.no_grad():
-        state.model(state.next_global_batch().to(state.dist.device))
+        state.model(x.to(state.dist.device), None if y is None else y.to(state.dist.device))
     state.log.write(event="start", step=0, config=dataclasses.asdict(state.cfg), world_size=state.dist.world,
-                    n_train=state.train_set.shape[0], n_test=state.test_set.shape[0])
+                    n_train=state.train_set.shape[0], n_test=state.test_set.shape[0], run_id=state.run_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,17 +193,27 @@ def train_step(state: RunState) -> tuple[float, float]:
     """One optimizer step on the next global batch (skipped on every rank if the loss or the gradient is
     non-finite) -> (learning rate, gradient norm)."""
     cfg, dist = state.cfg, state.dist
-    x = shard(state.next_global_batch(), dist).to(dist.device, non_blocking=True)
+    before = _resumable_extra(state)  # the state these weights belong to, should their loss prove finite
+    x, y = state.next_global_batch()
+    x = shard(x, dist).to(dist.device, non_blocking=True)
+    y = None if y is None else shard(y, dist).to(dist.device, non_blocking=True)
     state.step += 1
     lr = learning_rate(cfg, state.step)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     state.optimizer.zero_grad(set_to_none=True)
-    loss = _loss_and_gradients(state, x)
-    stats = torch.stack([loss.detach().float(), _grad_norm(state.model.parameters()).float().to(loss.device)])
+    try:
+        loss = _loss_and_gradients(state, x, y)
+    except torch.linalg.LinAlgError as err:  # the reversible backward inverts the 1x1 convolutions
+        _diverge(state, f"the model stopped being invertible at step {state.step} ({one_line(err)})")
+    stats = torch.stack([loss.detach().float(), gradient_norm(state.model.parameters()).float().to(loss.device),
+                         guard.lu_log_scale_max(state.model).float().to(loss.device)])
     stats = all_reduce_sum(stats, dist) / dist.world  # gradients (hence their norm) already agree across ranks
-    train_bpd, grad_norm = stats.tolist()
+    train_bpd, grad_norm, log_scale = stats.tolist()
+    if not log_scale < guard.MAX_LOG_SCALE:
+        _diverge(state, f"a 1x1 convolution became singular by step {state.step} (|log scale| {log_scale:.3g})")
     if np.isfinite(train_bpd) and np.isfinite(grad_norm):
+        state.last_good.capture(state.model, state.optimizer, before)
         state.optimizer.step()
         state.bad_run = 0
         state.window.append(train_bpd)
@@ -250,11 +223,11 @@ def train_step(state: RunState) -> tuple[float, float]:
     return lr, grad_norm
 
 
-def _loss_and_gradients(state: RunState, x: torch.Tensor) -> torch.Tensor:
+def _loss_and_gradients(state: RunState, x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """Forward and backward of a step: eagerly, or (``cuda_graph``) replayed from a graph captured on the first
     batch (eager on a CPU)."""
     if not state.cfg.cuda_graph:
-        loss = training_loss(state.net, x, state.cfg.n_bins)
+        loss = training_loss(state.net, x, state.cfg.n_bins, y)
         loss.backward()
         return loss
     if state.graph_step is None:
@@ -270,48 +243,115 @@ def _skip_step(state: RunState, train_bpd: float, grad_norm: float) -> None:
     state.log.write(event="skip", step=state.step, train_bpd=str(train_bpd), grad_norm=str(grad_norm),
                     consecutive=state.bad_run, skipped_total=state.skipped)
     if state.bad_run >= state.cfg.max_bad_steps:
-        raise TrainingError(
-            f"the loss or its gradient was non-finite for {state.bad_run} consecutive steps "
-            f"({state.step - state.bad_run + 1}..{state.step}); stopped without updating the weights with them "
-            f"(last checkpoint: {state.checkpoint or 'none'}); try a lower --lr or a longer --warmup")
+        _diverge(state, f"the loss or its gradient was non-finite for {state.bad_run} consecutive steps "
+                        f"({state.step - state.bad_run + 1}..{state.step}); stopped without updating the weights "
+                        "with them")
 
 
 def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:
-    """Advance the progress bar; every ``log_every`` steps, one "train" line with the mean bits/dim since the last."""
+    """Advance the progress bar; every ``log_every`` steps, one "train" line with the mean bits/dim since the last
+    (and, with reversible backprop, each level's relative reconstruction error of the step and the fallbacks)."""
     bar.update(1)
+    rec = _reconstruction(state)
     if state.window:
         bar.set_postfix_str(f"bpd={state.window[-1]:.3f} lr={lr:.2e}"
+                            + (f" rec={max(rec['reconstruction_error'], key=float):.1e}" if rec else "")
                             + (f" test={state.test_bpd:.3f}" if state.test_bpd else ""), refresh=False)
     if state.step % state.cfg.log_every == 0 and state.window:
         state.log.write(event="train", step=state.step, train_bpd=float(np.mean(state.window)), lr=lr,
-                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped)
+                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped, **rec)
         state.window = []
+
+
+def _reconstruction(state: RunState) -> dict:
+    """The latest reversible backward's per-level reconstruction errors (non-finite ones as strings) and
+    fallback count; {} without reversible backprop."""
+    if not state.cfg.reversible:
+        return {}
+    errors = [e if np.isfinite(e) else str(e) for e in state.model.reconstruction_error().tolist()]
+    return dict(reconstruction_error=errors, reconstruction_fallbacks=state.model.reconstruction_fallbacks)
 
 
 def evaluate_and_sample(state: RunState) -> None:
     """Held-out bits/dim (every rank), a sample grid (rank 0) and one "eval" line in the log."""
     cfg, dist, model = state.cfg, state.dist, state.model
-    state.test_bpd = evaluate(model, state.test_set, cfg.n_bins, cfg.eval_batch, cfg.seed, dist)
+    test_bpd = evaluate(model, state.test_set, cfg.n_bins, cfg.eval_batch, cfg.seed, dist, state.test_labels)
+    if not math.isfinite(test_bpd):
+        _diverge(state, f"the held-out bits/dim is {test_bpd} at step {state.step}")
+    state.test_bpd = test_bpd
+    classes = {}
+    if state.test_labels is not None:
+        state.test_accuracy = classification_accuracy(model, state.test_set, state.test_labels, cfg.n_bins,
+                                                      cfg.eval_batch, dist.device)
+        classes = dict(test_accuracy=state.test_accuracy)
     in_sync = parameters_agree(model, dist)
+    y = None if state.y_sample is None else state.y_sample.to(dist.device)
+    images, why = guard.decode(model, [z.to(dist.device) for z in state.z_sample], y) if dist.main else (None, None)
+    why = broadcast_object(why, dist)
+    if why:
+        _diverge(state, f"sampling at step {state.step}: {why}")
+    state.checked_step = state.step
     if dist.main:
-        with torch.no_grad():
-            images = model.reverse([z.to(dist.device) for z in state.z_sample])
         state.sample = str(state.out / "samples" / f"step_{state.step:08d}.png")
-        save_image_grid(images, state.sample, cfg.n_bins, zoom=cfg.zoom)
-    state.log.write(event="eval", step=state.step, test_bpd=state.test_bpd, sample=state.sample,
+        nrow = None if y is None else y.shape[0] // cfg.n_classes  # a row per class
+        save_image_grid(images, state.sample, cfg.n_bins, nrow=nrow, zoom=cfg.zoom)
+    state.log.write(event="eval", step=state.step, test_bpd=state.test_bpd, **classes, sample=state.sample,
                     ranks_in_sync=in_sync)
 
 
 def save(state: RunState) -> None:
-    """Rank 0 writes a checkpoint of the run (atomically, keeping the newest ``keep``) and logs it."""
+    """Check the weights are sound (unless an evaluation at this step did), then rank 0 writes a checkpoint of
+    the run (atomically, keeping the newest ``keep`` of this run) and logs it."""
+    if state.checked_step != state.step:
+        why = _unsound(state)
+        if why:
+            _diverge(state, f"the weights at step {state.step} are unfit to keep: {why}")
+        state.checked_step = state.step
+    tensors = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}
+    _write_checkpoint(state, tensors, _resumable_extra(state))
+
+
+def _resumable_extra(state: RunState) -> dict:
+    """What a checkpoint holds besides the weights and the optimizer: step, counters, RNGs, data order."""
+    return {"step": state.step, "elapsed": state.elapsed, "skipped": state.skipped, "test_bpd": state.test_bpd,
+            "rng": ckpt_io.capture_rng(state.data_gen), "data": state.batches.state_dict()}
+
+
+def _write_checkpoint(state: RunState, tensors: dict, extra: dict) -> None:
+    state.saved_step = extra["step"]
     if not state.dist.main:
         return
-    payload = {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
-               "rng": ckpt_io.capture_rng(state.data_gen), "data": state.batches.state_dict(),
-               "config": dataclasses.asdict(state.cfg), "elapsed": state.elapsed, "skipped": state.skipped,
-               "test_bpd": state.test_bpd}
-    state.checkpoint = str(ckpt_io.save_checkpoint(state.out, state.step, payload, state.cfg.keep))
-    state.log.write(event="checkpoint", step=state.step, path=state.checkpoint)
+    payload = {**tensors, **{k: v for k, v in extra.items() if k != "step"},
+               "config": dataclasses.asdict(state.cfg), "run_id": state.run_id}
+    state.checkpoint = str(ckpt_io.save_checkpoint(state.out, extra["step"], payload, state.cfg.keep))
+    state.log.write(event="checkpoint", step=extra["step"], path=state.checkpoint)
+
+
+def _unsound(state: RunState) -> str | None:
+    """Why the current weights are unfit to keep (:func:`guard.unsound` on one batch of held-out images and
+    a few sample latents), or None; the same answer on every rank."""
+    cfg, dist = state.cfg, state.dist
+    labels = None if state.test_labels is None else state.test_labels[:cfg.batch]
+    bpd = evaluate(state.model, state.test_set[:cfg.batch], cfg.n_bins, cfg.eval_batch, cfg.seed, dist, labels)
+    if not math.isfinite(bpd):
+        return f"the held-out bits/dim is {bpd}"
+    y = None if state.y_sample is None else state.y_sample[:4].to(dist.device)
+    _, why = guard.decode(state.model, [z[:4].to(dist.device) for z in state.z_sample], y)
+    return broadcast_object(why, dist)
+
+
+def _diverge(state: RunState, reason: str):
+    """Stop the run: keep the newest state whose training loss was finite (if sound and newer than the last
+    checkpoint), log it, and raise a one-line TrainingError naming the checkpoint to resume from."""
+    good = state.last_good
+    if good.step is not None and good.step > state.saved_step:
+        state.model.load_state_dict(good.tensors["model"])
+        state.checked_step = -1
+        if _unsound(state) is None:
+            _write_checkpoint(state, good.tensors, good.extra)
+    kept = state.checkpoint or state.resumed_from
+    state.log.write(event="stop", step=state.step, reason=reason, checkpoint=kept)
+    raise TrainingError(f"{reason} (last checkpoint: {kept or 'none'}); try a lower --lr or a longer --warmup")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,20 +361,20 @@ def train(options: dict) -> dict:
     """Run (or resume, ``options["resume"]``) a training run; -> summary dict. Options as TrainConfig's fields."""
     options = dict(options)
     resume = bool(options.pop("resume", False))
+    new_run = bool(options.pop("new_run", False))
     dist = setup_distributed(options.get("device"))
+    lock = runfolder.RunLock(Path(options.get("out") or TrainConfig.out))
     try:
-        return run(start_or_resume(options, resume, dist))
+        return run(start_or_resume(options, resume, dist, new_run, lock))
     finally:
+        lock.release()
         teardown(dist)
 
 
 def run(state: RunState) -> dict:
     """Train from ``state.step`` to ``cfg.steps``, evaluating and saving on schedule and at the end -> summary."""
-    from tqdm import tqdm
-
     cfg = state.cfg
-    bar = tqdm(total=cfg.steps, initial=min(state.step, cfg.steps), desc="train", unit="step", dynamic_ncols=True,
-               disable=not (state.dist.main and cfg.progress), mininterval=0.5, file=sys.stderr)
+    bar = progress(cfg.steps, min(state.step, cfg.steps), state.dist.main and cfg.progress)
     state.started = time.perf_counter() - state.elapsed
     last_eval = last_ckpt = state.step
     while state.step < cfg.steps:
@@ -355,5 +395,6 @@ def run(state: RunState) -> dict:
     state.log.write(event="done", step=state.step, test_bpd=state.test_bpd, elapsed_s=round(elapsed, 3),
                     skipped_total=state.skipped)
     return {"test_bpd": state.test_bpd, "sample": state.sample, "checkpoint": state.checkpoint or state.resumed_from,
+            "test_accuracy": state.test_accuracy,
             "skipped": state.skipped, "step": state.step, "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg),
             "rank": state.dist.rank, "world_size": state.dist.world}

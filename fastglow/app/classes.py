@@ -1,0 +1,78 @@
+"""What the application does with a class-conditional Glow (``fastglow train --conditional``): labels beside
+the data split, class-grid sampling, held-out classification accuracy, class-mean latents and morphing.
+
+Morphing (openai/glow's attribute manipulation): with mu_c the mean latent (every level) of the training images
+of class c, an image's latents z move along the class difference, z_t = z + t (mu_to - mu_from), t in [0, 1],
+and decode exactly (``reverse(..., reconstruct=True)``): t = 0 gives the image back.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import bin_centres, split_dataset
+from .errors import InputError
+
+
+def split_labels(labels: torch.Tensor | None, test_fraction: float, split_seed: int):
+    """(train, test) labels of the images ``split_dataset`` splits with the same seed (the same permutation:
+    ``randperm`` of the same length from an identically seeded generator); (None, None) without labels."""
+    if labels is None:
+        return None, None
+    return split_dataset(labels, test_fraction, torch.Generator().manual_seed(split_seed))
+
+
+def class_grid_labels(n_classes: int, per_class: int, device=None) -> torch.Tensor:
+    """Labels of a grid with one row per class: 0 x per_class, 1 x per_class, ..."""
+    return torch.arange(n_classes, device=device).repeat_interleave(per_class)
+
+
+def resolve_class(text: str, names: list[str] | None, n_classes: int, flag: str) -> int:
+    """A class given on the command line, by name (a folder's subfolder) or id, -> its id."""
+    if names and text in names:
+        return names.index(text)
+    try:
+        k = int(text)
+    except ValueError:
+        k = -1
+    if not 0 <= k < n_classes:
+        known = f"names {names} or " if names and names != [str(i) for i in range(n_classes)] else ""
+        raise InputError(f"{flag} {text}: not a class of the model ({known}ids 0..{n_classes - 1})")
+    return k
+
+
+@torch.no_grad()
+def classification_accuracy(model, levels: torch.Tensor, labels: torch.Tensor, n_bins: int, batch: int,
+                            device) -> float:
+    """Share of images whose ``model.classify`` argmax is their label (images at their bins' centres)."""
+    correct = 0
+    for start in range(0, levels.shape[0], batch):
+        x = bin_centres(levels[start:start + batch], n_bins).to(device)
+        correct += int((model.classify(x).argmax(1).cpu() == labels[start:start + batch]).sum())
+    return correct / levels.shape[0]
+
+
+@torch.no_grad()
+def class_mean_latents(model, levels: torch.Tensor, labels: torch.Tensor, classes, n_bins: int, batch: int,
+                       device) -> dict[int, list[torch.Tensor]]:
+    """class -> per level, the mean latent (1, C, H, W) of that class's images (at their bins' centres)."""
+    means = {}
+    for c in classes:
+        members = levels[labels == c]
+        if members.shape[0] == 0:
+            raise InputError(f"class {c} has no training images to average")
+        sums = None
+        for start in range(0, members.shape[0], batch):
+            x = bin_centres(members[start:start + batch], n_bins).to(device)
+            y = torch.full((x.shape[0],), c, dtype=torch.int64, device=device)
+            z_outs = model(x, y)[2]
+            part = [z.sum(0, keepdim=True) for z in z_outs]
+            sums = part if sums is None else [s + p for s, p in zip(sums, part)]
+        means[c] = [s / members.shape[0] for s in sums]
+    return means
+
+
+def morph_path(z_outs, mean_from, mean_to, steps: int):
+    """Latents of one image (batch 1) moved along mu_to - mu_from: ``steps`` points t = 0..1, every level."""
+    t = torch.linspace(0, 1, steps, device=z_outs[0].device, dtype=z_outs[0].dtype).view(-1, 1, 1, 1)
+    return [z + t * (b - a) for z, a, b in zip(z_outs, mean_from, mean_to)]

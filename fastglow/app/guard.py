@@ -1,0 +1,89 @@
+"""The non-finite guard's pieces: decoding latents without a traceback, and the last good state of a run.
+
+A run keeps only weights that are *sound*: their loss is finite and they invert (every 1x1 convolution is
+non-singular and decoding gives finite images). Training checks the loss every step; evaluation, sampling
+and each checkpoint check the rest (:mod:`fastglow.app.loop`). :class:`LastGood` holds a copy of the newest
+state whose training loss was finite, so a run that diverges can still checkpoint it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .errors import one_line
+
+
+def decode(model, z_list, y=None, reconstruct: bool = False) -> tuple[torch.Tensor | None, str | None]:
+    """``model.reverse(z_list, y=y)`` -> (images, None), or (None, why) when the latents or the images are
+    not finite or a 1x1 convolution is singular (``y``: the classes of a class-conditional model)."""
+    if not all(bool(torch.isfinite(z).all()) for z in z_list):
+        return None, "the latents are non-finite"
+    try:
+        with torch.no_grad():
+            images = model.reverse(z_list, reconstruct=reconstruct, y=y)
+    except torch.linalg.LinAlgError as err:
+        return None, f"the model does not invert: {one_line(err)}"
+    if not bool(torch.isfinite(images).all()):
+        return None, "decoding gives non-finite images"
+    return images, None
+
+
+MAX_LOG_SCALE = 80.0  # exp(+-80) stays inside float32's normal range (1.2e-38 .. 3.4e38)
+
+
+def lu_log_scale_max(model) -> torch.Tensor:
+    """max |w_s| over the model's LU 1x1 convolutions W = P L (U + diag(sign exp(w_s))), a 0-dim tensor (no
+    host sync). Past MAX_LOG_SCALE, exp(w_s) under- or overflows: W is singular in floating point although
+    the loss (which holds log|det W| = sum w_s, not W^-1) can stay finite."""
+    w_s = [flow.invconv.w_s.detach() for block in model.blocks for flow in block.flows
+           if hasattr(flow.invconv, "w_s")]
+    return torch.stack(torch._foreach_norm(w_s, float("inf"))).max()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    """The tensors of a nested dict/list, in a fixed order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for key in tree for t in _tensors(tree[key])]
+    if isinstance(tree, (list, tuple)):
+        return [t for item in tree for t in _tensors(item)]
+    return []
+
+
+def _clone(tree):
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {key: _clone(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_clone(item) for item in tree)
+    return copy.deepcopy(tree)
+
+
+class LastGood:
+    """A copy of the model's and optimizer's state (on their device) and of the run's counters, RNGs and data
+    order at the newest step whose weights gave a finite training loss. Refreshed in place each step by one
+    fused copy from the live tensors (which the optimizer updates in place); costs one more copy of the
+    weights and the optimizer's moments in memory."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.tensors: dict | None = None  # {"model": state_dict, "optimizer": state_dict}
+        self.extra: dict = {}  # step, elapsed, skipped, test_bpd, rng, data at that step
+        self._live: list[torch.Tensor] = []
+        self._copies: list[torch.Tensor] = []
+        self._n_optimizer_states = -1
+
+    def capture(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, extra: dict) -> None:
+        if self._n_optimizer_states != len(optimizer.state):  # first capture, or Adam just made its moments
+            live = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+            self.tensors, self._live = _clone(live), _tensors(live)
+            self._copies, self._n_optimizer_states = _tensors(self.tensors), len(optimizer.state)
+        else:
+            torch._foreach_copy_(self._copies, self._live)
+            for kept, live in zip(self.tensors["optimizer"]["param_groups"], optimizer.param_groups):
+                kept["lr"] = live["lr"]  # the only hyper-parameter the loop changes
+        self.step, self.extra = extra["step"], extra

@@ -1,0 +1,61 @@
+"""The pieces of a training step: the model a config builds, its loss, the learning-rate schedule, evaluation
+on held-out images and the gradient norm (see :mod:`fastglow.app.loop` for the maths of a step)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import Glow, bits_per_dim
+from .config import TrainConfig
+from .data import dequantize
+from .distributed import Dist, all_reduce_sum
+
+
+def build_model(cfg: TrainConfig) -> Glow:
+    return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
+                hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible,
+                n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight,
+                **(dict(validate=False, reversible_tol=None) if cfg.cuda_graph else {}))  # no host syncs
+
+
+def training_loss(model, x: torch.Tensor, n_bins: int, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean bits/dim of a batch (rosinality's calc_loss); with labels y, of log p(x | y), plus the class loss."""
+    log_p, logdet, z_outs = model(x) if y is None else model(x, y)
+    loss = bits_per_dim(log_p, logdet, x.shape, n_bins)
+    if y is None:
+        return loss
+    glow = getattr(model, "module", model)  # under DDP, the Glow inside the wrapper
+    return loss + glow.class_loss(z_outs, y)
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """lr * min(1, t / warmup) * min(1, (T - t + 1) / cooldown): linear warm-up, optional linear cool-down
+    (cooldown None: T // 2, the last half of the run)."""
+    cooldown = cfg.steps // 2 if cfg.cooldown is None else cfg.cooldown
+    up = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
+    down = min(1.0, (cfg.steps - step + 1) / cooldown) if cooldown > 0 else 1.0
+    return cfg.lr * up * max(down, 0.0)
+
+
+@torch.no_grad()
+def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, dist: Dist,
+             labels: torch.Tensor | None = None) -> float:
+    """Mean bits/dim over ``levels`` with fixed dequantisation noise (seeded), sharded over the ranks; with
+    ``labels`` (a class-conditional model), of log p(x | label)."""
+    gen = torch.Generator().manual_seed(seed)
+    total = torch.zeros(2, dtype=torch.float64, device=dist.device)
+    for start in range(0, levels.shape[0], batch):
+        x = dequantize(levels[start:start + batch], n_bins, gen)[dist.rank::dist.world].to(dist.device)
+        if x.shape[0]:
+            y = None if labels is None else labels[start:start + batch][dist.rank::dist.world].to(dist.device)
+            log_p, logdet, _ = model(x) if y is None else model(x, y)
+            bpd = bits_per_dim(log_p, logdet, x.shape, n_bins, reduction="none")
+            total += torch.stack([bpd.double().sum(), total.new_tensor(x.shape[0])])
+    total = all_reduce_sum(total, dist)
+    return (total[0] / total[1]).item()
+
+
+def gradient_norm(params) -> torch.Tensor:
+    """||(grad p for p in params)||_2 over the parameters that have a gradient (0 if none)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
