@@ -160,15 +160,15 @@ class TritonSteps:
     name = "triton"
     fold_group = None  # one batched LU launch each way per level
 
-    def __init__(self):
+    def __init__(self, mix_precision: str = "ieee"):
         from . import ops  # the one place triton is imported (lazily: TRITON_INTERPRET is decided by then)
         from .kernels.squeeze import SqueezeFunction
         self._ops = ops
         self._squeeze = SqueezeFunction
+        self.mix_precision = mix_precision  # tl.dot input precision of the 1x1 mix: "ieee" or "tf32x3"
         self.fold = ops.fold_level
         self.coupling_net = ops.coupling_net_raw
         self.coupling_backward = ops.coupling_backward
-        self.mix_backward = ops.mix_backward
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:
         return self._squeeze.apply(x, False)
@@ -177,18 +177,21 @@ class TritonSteps:
         return self._squeeze.apply(y, True)
 
     def forward(self, steps, x: torch.Tensor):
-        return self._ops.level_forward(list(steps), x)
+        return self._ops.level_forward(list(steps), x, self.mix_precision)
 
     def inverse(self, steps, y: torch.Tensor) -> torch.Tensor:
-        return self._ops.level_inverse(list(steps), y)
+        return self._ops.level_inverse(list(steps), y, self.mix_precision)
+
+    def mix_backward(self, y: torch.Tensor, grad_y: torch.Tensor, fold):
+        return self._ops.mix_backward(y, grad_y, fold, self.mix_precision)
 
 
 @functools.lru_cache(maxsize=None)
-def _triton_steps() -> TritonSteps:
-    return TritonSteps()
+def _triton_steps(mix_precision: str) -> TritonSteps:
+    return TritonSteps(mix_precision)
 
 
-def select_backend(requested: str, x: torch.Tensor):
+def select_backend(requested: str, x: torch.Tensor, mix_precision: str = "ieee"):
     """``auto`` -> Triton on float32/float64 CUDA tensors, else eager; refuse ``triton`` where it cannot run."""
     if requested == "auto":
         requested = "triton" if x.is_cuda and x.dtype in (torch.float32, torch.float64) else "eager"
@@ -199,4 +202,4 @@ def select_backend(requested: str, x: torch.Tensor):
                          f"got a tensor on {x.device}")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"backend='triton' runs float32 or float64, got {x.dtype}")
-    return _triton_steps()
+    return _triton_steps(mix_precision)

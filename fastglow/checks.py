@@ -13,6 +13,7 @@ from .reference import z_shapes
 
 BACKENDS = ("auto", "eager", "triton")
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
+MIX_PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precision of the Triton 1x1 mix (float32; float64 is ieee)
 MAX_N_BLOCK = 12  # images must be at least 2**n_block pixels a side: 4096 is already far beyond any Glow
 
 
@@ -41,8 +42,10 @@ def check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, 
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_execution_options(autocast_dtype, channels_last, validate) -> None:
+def check_execution_options(autocast_dtype, channels_last, validate, mix_precision="ieee") -> None:
     """Validate the Glow constructor's execution options (how it runs, not what it computes)."""
+    if mix_precision not in MIX_PRECISIONS:
+        raise ValueError(f"mix_precision must be one of {MIX_PRECISIONS}, got {mix_precision!r}")
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES}, got {autocast_dtype!r}")
     for name, value in (("channels_last", channels_last), ("validate", validate)):
@@ -56,7 +59,8 @@ def _check_values(name: str, t, finite: bool = True) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
     capturing = t.is_cuda and torch.cuda.is_current_stream_capturing()
-    if finite and not capturing and not bool(torch.isfinite(t).all()):  # a host sync
+    meta = t.device.type == "meta"  # shapes only, no values to check
+    if finite and not capturing and not meta and not bool(torch.isfinite(t).all()):  # a host sync
         raise ValueError(f"{name} contains NaN or Inf values")
 
 

@@ -29,7 +29,9 @@ class Glow(reference.Glow):
     the coupling networks run under autocast, the flow maths - ActNorm, the 1x1 mix, the coupling combine,
     logdet, LU, priors - in the parameters' dtype), ``channels_last`` (the coupling networks' weights and
     inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check; with
-    ``reversible_tol=None`` too, a training step makes no host sync).
+    ``reversible_tol=None`` too, a training step makes no host sync) and ``mix_precision`` (the Triton 1x1
+    mix in float32: "ieee", exact, or "tf32x3", three TF32 tensor-core products, ~float32 accuracy;
+    benchmarks/RESULTS.md has its emulated effect).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
@@ -37,11 +39,11 @@ class Glow(reference.Glow):
                  reversible: bool = True, reversible_tol: float | str | None = "auto",
                  backward_chunk: int | None = None, n_classes: int | None = None,
                  class_weight: float = DEFAULT_CLASS_WEIGHT, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, validate: bool = True):
+                 channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee"):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
         check_reversible_options(reversible_tol, backward_chunk)
         check_class_config(n_classes, class_weight)
-        check_execution_options(autocast_dtype, channels_last, validate)
+        check_execution_options(autocast_dtype, channels_last, validate, mix_precision)
         in_channel, n_flow, n_block, hidden_channels = map(int, (in_channel, n_flow, n_block, hidden_channels))
         n_classes = None if n_classes is None else int(n_classes)
         backward_chunk = None if backward_chunk is None else int(backward_chunk)
@@ -53,6 +55,7 @@ class Glow(reference.Glow):
         self.backward_chunk = backward_chunk
         self._reconstruction = ReconstructionMonitor(n_block)
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
+        self.mix_precision = mix_precision
         for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
             coupling.net_autocast, coupling.net_channels_last = autocast_dtype, channels_last
             if channels_last:
@@ -83,7 +86,7 @@ class Glow(reference.Glow):
         if not self.actnorm_initialized():
             # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
             return super().forward(x, y)
-        backend = select_backend(self.backend, x)
+        backend = select_backend(self.backend, x, self.mix_precision)
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
@@ -126,7 +129,7 @@ class Glow(reference.Glow):
             return self._reverse(z_list, reconstruct, y)
 
     def _reverse(self, z_list, reconstruct: bool, y: torch.Tensor | None) -> torch.Tensor:
-        backend = select_backend(self.backend, z_list[-1])
+        backend = select_backend(self.backend, z_list[-1], self.mix_precision)
         x = z_list[-1]
         shifts = self.prior_shifts(y, required=not reconstruct)
         for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):

@@ -54,24 +54,25 @@ def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
     return coupling.run_net(raw, x_a).to(x_a.dtype).contiguous(), net[4].scale.reshape(-1)
 
 
-def level_forward(flows, x: torch.Tensor):
+def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee"):
     """A level's K flow steps: x -> (y, logdet [B]). One batched LU launch, then one fused kernel per step (the
-    coupling of step k with the ActNorm + 1x1 of step k+1); the coupling networks run in torch between them."""
+    coupling of step k with the ActNorm + 1x1 of step k+1); the coupling networks run in torch between them.
+    ``input_precision``: the mix's tl.dot precision ("ieee" or "tf32x3"), here and below."""
     folded = fold_level(flows)
     logdet = x.shape[2] * x.shape[3] * torch.stack([f.logdet_per_pixel for f in folded]).sum()  # 2 launches, not K
-    y = ChannelMixFunction.apply(x, folded[0].mix_weight, folded[0].mix_bias)
+    y = ChannelMixFunction.apply(x, folded[0].mix_weight, folded[0].mix_bias, input_precision)
     for k, flow in enumerate(flows):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
         if k + 1 < len(flows):
             y, det = CouplingMixFunction.apply(y, h_raw, zscale, folded[k + 1].mix_weight, folded[k + 1].mix_bias,
-                                               flow.coupling.affine, torch.is_grad_enabled())
+                                               flow.coupling.affine, torch.is_grad_enabled(), input_precision)
         else:
             y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
         logdet = logdet + det
     return y, logdet
 
 
-def level_inverse(flows, y: torch.Tensor) -> torch.Tensor:
+def level_inverse(flows, y: torch.Tensor, input_precision: str = "ieee") -> torch.Tensor:
     """Inverse of a level's K flow steps, last step first: per step one kernel (uncombine and inverse mix).
     That kernel is not differentiable: while autograd records, the steps run through the reference modules."""
     if torch.is_grad_enabled() and (y.requires_grad or any(t.requires_grad for flow in flows
@@ -83,7 +84,7 @@ def level_inverse(flows, y: torch.Tensor) -> torch.Tensor:
     for flow, fold in zip(reversed(flows), reversed(folded)):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
         y, _, _ = coupling_mix_forward(y, h_raw, zscale, fold.mix_weight_inv, fold.mix_bias_inv,
-                                       affine=flow.coupling.affine, inverse=True)
+                                       affine=flow.coupling.affine, inverse=True, input_precision=input_precision)
     return y
 
 
@@ -96,18 +97,19 @@ def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool):
     return y, grad_y, (grad_h, grad_zs)
 
 
-def mix_backward(y, grad_y, fold: FoldedMix):
+def mix_backward(y, grad_y, fold: FoldedMix, input_precision: str = "ieee"):
     """Reversible-backward primitive: one kernel rebuilds x = mix_weight_inv @ y + mix_bias_inv and gives
-    grad_x, grad_mix_weight, grad_mix_bias."""
+    grad_x, grad_mix_weight, grad_mix_bias (``input_precision``: the mix's tl.dot precision, see
+    :data:`fastglow.checks.MIX_PRECISIONS`)."""
     return channel_mix_backward(y, grad_y, fold.mix_weight.detach(), fold.mix_weight_inv.detach(),
-                                fold.mix_bias_inv.detach())
+                                fold.mix_bias_inv.detach(), input_precision=input_precision)
 
 
 def level_backward_from_output(flows, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None,
-                               x0: torch.Tensor | None = None):
+                               x0: torch.Tensor | None = None, input_precision: str = "ieee"):
     """Reversible backward of a level of Triton flow steps from its output y (``x0``, the stored level input,
     is accepted for compatibility; the first step's input is rebuilt either way):
     -> (grad_x, [parameter grads of each flow, in ``parameter_slots(flow)`` order])."""
     from .backends import _triton_steps
-    result = level_backward(list(flows), y, grad_y, grad_logdet, _triton_steps())
+    result = level_backward(list(flows), y, grad_y, grad_logdet, _triton_steps(input_precision))
     return result.grad_x, result.param_grads

@@ -179,6 +179,8 @@ def test_bad_inputs(device):
         (ValueError, lambda: channel_mix_backward(x, x, w)),
         (ValueError, lambda: channel_mix_backward(x, x, w, w[:4])),
         (ValueError, lambda: channel_mix_backward(None, x, w, x=x[:, :4])),
+        (ValueError, lambda: channel_mix_forward(x, w, bias, input_precision="tf32")),  # breaks invertibility
+        (ValueError, lambda: channel_mix_backward(None, x, w, x=x, input_precision="bf16x3")),
     ]
     for err, call in cases:
         with pytest.raises(err):

@@ -1,8 +1,10 @@
 """The folded ActNorm + 1x1 conv as a per-pixel channel mix, out = mix_weight @ x + mix_bias: forward (the
-fused kernel of :mod:`.flow_step` without a coupling), backward kernel, launchers and the autograd Function.
+fused kernel of :mod:`.flow_step` without a coupling), backward kernels, launchers and the autograd Function.
 
 Backward (optionally rebuilding x = mix_weight_inv @ out + mix_bias_inv first, for reversible backprop):
-    grad_x = mix_weight^T grad_out,  grad_mix_weight = sum_{b,p} grad_out x^T,  grad_mix_bias = sum_{b,p} grad_out
+    grad_x = mix_weight^T grad_out                                       (_channel_mix_bwd_kernel)
+    grad_mix_weight = sum_{b,p} grad_out x^T,  grad_mix_bias = sum_{b,p} grad_out   (_channel_mix_wgrad_kernel:
+    each program sums a run of pixel tiles into one partial; torch adds the few partials)
 """
 
 from __future__ import annotations
@@ -12,64 +14,92 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .flow_step import check_mix, check_tensor, launch_forward, pixel_block, pow2
+from .flow_step import check_mix, check_tensor, dot_precision, launch_forward
+from .tiling import grid_tile, mix_tiles, weight_grad_tiles
 
 
 @triton.jit
 def _channel_mix_bwd_kernel(
-    y_ptr, gy_ptr, w_ptr, winv_ptr, binv_ptr, x_ptr, gx_ptr, gw_ptr, gb_ptr,
-    C_IN, C_OUT, P, N_PB,
-    RECOMPUTE: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr,
+    y_ptr, gy_ptr, w_ptr, winv_ptr, binv_ptr, x_ptr, gx_ptr,
+    C_IN, C_OUT, P,
+    RECOMPUTE: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
 ):
-    """y = M x + m (M, m: mix_weight, mix_bias): (optionally) x = M_inv y + m_inv; dx = M^T dy; partial dM = dy x^T
-    and dm = sum dy per tile."""
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    tile = b * N_PB + pid_p
-    offs_o = tl.arange(0, BLOCK_CO)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mo = offs_o < C_OUT
-    mp = offs_p < P
-    o_off = b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :]
-    g = tl.load(gy_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
-    if RECOMPUTE:
-        y = tl.load(y_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
-    tl.store(gb_ptr + tile * C_OUT + offs_o, tl.sum(g, axis=1), mask=mo)
-    for i0 in range(0, C_IN, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        mi = offs_i < C_IN
-        mask_i = mi[:, None] & mp[None, :]
-        i_off = b * C_IN * P + offs_i[:, None] * P + offs_p[None, :]
-        if RECOMPUTE:
-            winv = tl.load(winv_ptr + offs_i[:, None] * C_OUT + offs_o[None, :],
-                           mask=mi[:, None] & mo[None, :], other=0.0)
-            x = tl.dot(winv, y, input_precision="ieee")
-            x += tl.load(binv_ptr + offs_i, mask=mi, other=0.0)[:, None]
-            x = tl.where(mask_i, x, 0.0)
-            tl.store(x_ptr + i_off, x, mask=mask_i)
-        else:
-            x = tl.load(x_ptr + i_off, mask=mask_i, other=0.0)
+    """y = M x + m (M, m: mix_weight, mix_bias). Program (i, q, b), input channels i-block, pixels q-block of
+    sample b, summing over chunks of BLOCK_K output channels o: dx = sum_o M[o, i]^T dy[o] and (RECOMPUTE)
+    x = sum_o M_inv[i, o] y[o] + m_inv[i]."""
+    b, _, _, offs_i, mi, offs_p, mp = grid_tile(C_IN, P, BLOCK_I, BLOCK_P)
+    gx = tl.zeros((BLOCK_I, BLOCK_P), dtype=gy_ptr.dtype.element_ty)
+    x = tl.zeros((BLOCK_I, BLOCK_P), dtype=gy_ptr.dtype.element_ty)
+    for o0 in range(0, C_OUT, BLOCK_K):
+        offs_o = o0 + tl.arange(0, BLOCK_K)
+        mo = offs_o < C_OUT
+        o_off = b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :]
+        g = tl.load(gy_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
         w_t = tl.load(w_ptr + offs_o[None, :] * C_IN + offs_i[:, None], mask=mi[:, None] & mo[None, :], other=0.0)
-        tl.store(gx_ptr + i_off, tl.dot(w_t, g, input_precision="ieee"), mask=mask_i)
-        gw = tl.dot(g, tl.trans(x), input_precision="ieee")  # (BLOCK_CO, BLOCK_I)
-        tl.store(gw_ptr + tile * C_OUT * C_IN + offs_o[:, None] * C_IN + offs_i[None, :], gw,
-                 mask=mo[:, None] & mi[None, :])
+        gx = tl.dot(w_t, g, gx, input_precision=INPUT_PRECISION)
+        if RECOMPUTE:
+            y = tl.load(y_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
+            winv = tl.load(winv_ptr + offs_i[:, None] * C_OUT + offs_o[None, :], mask=mi[:, None] & mo[None, :],
+                           other=0.0)
+            x = tl.dot(winv, y, x, input_precision=INPUT_PRECISION)
+    mask = mi[:, None] & mp[None, :]
+    i_off = b * C_IN * P + offs_i[:, None] * P + offs_p[None, :]
+    tl.store(gx_ptr + i_off, gx, mask=mask)
+    if RECOMPUTE:
+        tl.store(x_ptr + i_off, x + tl.load(binv_ptr + offs_i, mask=mi, other=0.0)[:, None], mask=mask)
+
+
+@triton.jit
+def _channel_mix_wgrad_kernel(
+    gy_ptr, x_ptr, gw_ptr, gb_ptr,
+    C_IN, C_OUT, P, N_PB, N_TILES, TILES_PER_PROGRAM,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_P: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Program (o, i, s): partial s of dM[o-block, i-block] = sum dy x^T and (i == 0) of dm[o-block] = sum dy,
+    over the (sample, pixel-block) tiles s * TILES_PER_PROGRAM ... of the B x N_PB tiles."""
+    pid_o = tl.program_id(0)
+    pid_i = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    mo = offs_o < C_OUT
+    mi = offs_i < C_IN
+    gw = tl.zeros((BLOCK_O, BLOCK_I), dtype=gy_ptr.dtype.element_ty)
+    gb = tl.zeros((BLOCK_O,), dtype=gy_ptr.dtype.element_ty)
+    t0 = pid_s * TILES_PER_PROGRAM
+    for t in range(t0, tl.minimum(t0 + TILES_PER_PROGRAM, N_TILES)):
+        b = (t // N_PB).to(tl.int64)
+        offs_p = (t % N_PB) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mp = offs_p < P
+        g = tl.load(gy_ptr + b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :], mask=mo[:, None] & mp[None, :],
+                    other=0.0)
+        x = tl.load(x_ptr + b * C_IN * P + offs_i[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
+                    other=0.0)
+        gw = tl.dot(g, tl.trans(x), gw, input_precision=INPUT_PRECISION)
+        gb += tl.sum(g, axis=1)
+    tl.store(gw_ptr + pid_s * C_OUT * C_IN + offs_o[:, None] * C_IN + offs_i[None, :], gw,
+             mask=mo[:, None] & mi[None, :])
+    if pid_i == 0:
+        tl.store(gb_ptr + pid_s * C_OUT + offs_o, gb, mask=mo)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host launchers
 # ----------------------------------------------------------------------------------------------
-def channel_mix_forward(x: torch.Tensor, mix_weight: torch.Tensor, mix_bias: torch.Tensor | None = None):
-    """out[b, :, p] = mix_weight @ x[b, :, p] + mix_bias, exact (no TF32).
+def channel_mix_forward(x: torch.Tensor, mix_weight: torch.Tensor, mix_bias: torch.Tensor | None = None,
+                        input_precision: str = "ieee"):
+    """out[b, :, p] = mix_weight @ x[b, :, p] + mix_bias, exact ("ieee") or "tf32x3" (:func:`.dot_precision`).
     x: (B, C_in, H, W), mix_weight: (C_out, C_in)."""
     x = check_tensor("x", x, dim=4)
     mix_weight, mix_bias = check_mix(mix_weight, mix_bias, x.shape[1], x)
     mixed, _, _ = launch_forward(x, None, None, mix_weight, mix_bias, coupling=False, inverse=False,
-                                 affine=False, store_coupled=False)
+                                 affine=False, store_coupled=False, input_precision=input_precision)
     return mixed
 
 
-def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_inv=None, x=None):
+def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_inv=None, x=None,
+                         input_precision: str = "ieee"):
     """Backward of y = mix_weight @ x + mix_bias per pixel: returns (x, grad_x, grad_mix_weight, grad_mix_bias).
 
     With ``x`` None the input is recomputed as x = mix_weight_inv @ y + mix_bias_inv (reversible backprop).
@@ -101,18 +131,23 @@ def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_in
         if tuple(x.shape) != (b, c_in, hh, ww):
             raise ValueError(f"x must have shape {(b, c_in, hh, ww)}, got {tuple(x.shape)}")
     p = hh * ww
-    block_co = pow2(c_out)
-    block_p = pixel_block(p, block_co, budget=4096)
-    n_pb = triton.cdiv(p, block_p)
+    precision = dot_precision(input_precision, grad_y.dtype)
     grad_x = grad_y.new_empty((b, c_in, hh, ww))
-    gw = grad_y.new_zeros((b * n_pb, c_out, c_in))
-    gb = grad_y.new_zeros((b * n_pb, c_out))
+    tiles = mix_tiles(c_in, b, p, grad_y.dtype, accumulators=2 if recompute else 1)
+    wg = weight_grad_tiles(c_in, c_out, b, p, grad_y.dtype)
+    gw = grad_y.new_zeros((wg.split, c_out, c_in))
+    gb = grad_y.new_zeros((wg.split, c_out))
     if b * p > 0:
-        _channel_mix_bwd_kernel[(n_pb, b)](
+        _channel_mix_bwd_kernel[tiles.grid(b)](
             y if recompute else grad_y, grad_y, mix_weight, mix_weight_inv if recompute else mix_weight,
-            mix_bias_inv if recompute else mix_weight, x, grad_x, gw, gb, c_in, c_out, p, n_pb,
-            RECOMPUTE=recompute, BLOCK_CO=block_co, BLOCK_I=max(16, min(pow2(c_in), 8192 // block_co)),
-            BLOCK_P=block_p,
+            mix_bias_inv if recompute else mix_weight, x, grad_x, c_in, c_out, p,
+            RECOMPUTE=recompute, BLOCK_I=tiles.block_rows, BLOCK_K=tiles.block_k, BLOCK_P=tiles.block_p,
+            INPUT_PRECISION=precision, num_warps=tiles.num_warps,
+        )
+        _channel_mix_wgrad_kernel[wg.grid](
+            grad_y, x, gw, gb, c_in, c_out, p, wg.n_pix, b * wg.n_pix, wg.tiles_per_program,
+            BLOCK_O=wg.block_o, BLOCK_I=wg.block_i, BLOCK_P=wg.block_p, INPUT_PRECISION=precision,
+            num_warps=wg.num_warps,
         )
     return x, grad_x, gw.sum(0), gb.sum(0)
 
@@ -121,16 +156,18 @@ def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_in
 # autograd Function
 # ----------------------------------------------------------------------------------------------
 class ChannelMixFunction(torch.autograd.Function):
-    """out = mix_weight @ x + mix_bias per pixel (ActNorm + 1x1 conv folded), exact float32."""
+    """out = mix_weight @ x + mix_bias per pixel (ActNorm + 1x1 conv folded), "ieee" (exact) or "tf32x3"."""
 
     @staticmethod
-    def forward(ctx, x, mix_weight, mix_bias):
+    def forward(ctx, x, mix_weight, mix_bias, input_precision: str = "ieee"):
         ctx.save_for_backward(x, mix_weight)
-        return channel_mix_forward(x, mix_weight, mix_bias)
+        ctx.input_precision = input_precision
+        return channel_mix_forward(x, mix_weight, mix_bias, input_precision)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         x, mix_weight = ctx.saved_tensors
-        _, grad_x, grad_w, grad_b = channel_mix_backward(None, grad_out, mix_weight, x=x)
-        return grad_x, grad_w, grad_b
+        _, grad_x, grad_w, grad_b = channel_mix_backward(None, grad_out, mix_weight, x=x,
+                                                         input_precision=ctx.input_precision)
+        return grad_x, grad_w, grad_b, None

@@ -11,7 +11,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .channel_mix import channel_mix_backward
-from .flow_step import check_coupling, check_tensor, coupling_mix_forward, pixel_block, pow2, sigmoid_parts
+from .flow_step import check_coupling, check_tensor, coupling_mix_forward, sigmoid_parts
+from .tiling import elementwise_tiles, grid_tile
 
 
 @triton.jit
@@ -20,13 +21,10 @@ def _coupling_bwd_kernel(
     C, P, HALF, N_PB,
     AFFINE: tl.constexpr, HAS_GLD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """From the coupling output and its gradient: recompute the input y, and give dy, d h_raw, partial d zscale."""
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_j = tl.arange(0, BLOCK_H)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    mj = offs_j < HALF
-    mp = offs_p < P
+    """From the coupling output and its gradient: recompute the input y, and give dy, d h_raw, partial d zscale.
+    Program (j, q, b): b-half channels j*BLOCK_H.. (and the a-half channels they pair with), pixels q-block of
+    sample b; its d zscale partial goes to row b * N_PB + q."""
+    b, _, pid_p, offs_j, mj, offs_p, mp = grid_tile(HALF, P, BLOCK_H, BLOCK_P)
     mask = mj[:, None] & mp[None, :]
     a_off = b * C * P + offs_j[:, None] * P + offs_p[None, :]  # a-half; b-half is + HALF * P
     b_off = a_off + HALF * P
@@ -92,17 +90,15 @@ def coupling_backward(out, grad_out, h_raw, zscale, grad_logdet=None, *, affine:
         if grad_logdet.numel() != b:
             raise ValueError(f"grad_logdet must have {b} elements, got {grad_logdet.numel()}")
     p, half, c_h = hh * ww, c // 2, zs.numel()
-    block_h = pow2(half, lo=1)
-    block_p = pixel_block(p, block_h, budget=4096)
-    n_pb = triton.cdiv(p, block_p)
+    tiles = elementwise_tiles(half, b, p, out.dtype)
     y, grad_y, grad_h = torch.empty_like(out), torch.empty_like(out), torch.empty_like(h_raw)
-    part = out.new_zeros((b * n_pb, c_h))
+    part = out.new_zeros((b * tiles.n_pix, c_h))
     if b * p > 0:
-        _coupling_bwd_kernel[(n_pb, b)](
+        _coupling_bwd_kernel[tiles.grid(b)](
             out, grad_out, h_raw, zs, grad_logdet if grad_logdet is not None and affine else out,
-            y, grad_y, grad_h, part, c, p, half, n_pb,
+            y, grad_y, grad_h, part, c, p, half, tiles.n_pix,
             AFFINE=bool(affine), HAS_GLD=grad_logdet is not None and bool(affine),
-            BLOCK_H=block_h, BLOCK_P=block_p,
+            BLOCK_H=tiles.block_rows, BLOCK_P=tiles.block_p, num_warps=tiles.num_warps,
         )
     return y, grad_y, grad_h, part.sum(0).reshape(zshape)
 
@@ -136,10 +132,10 @@ class CouplingMixFunction(torch.autograd.Function):
     when a gradient will need it."""
 
     @staticmethod
-    def forward(ctx, y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool):
+    def forward(ctx, y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool, input_precision: str = "ieee"):
         mixed, coupled, logdet = coupling_mix_forward(y, h_raw, zscale, mix_weight, mix_bias, affine=affine,
-                                                      store_coupled=store)
-        ctx.affine = affine
+                                                      store_coupled=store, input_precision=input_precision)
+        ctx.affine, ctx.input_precision = affine, input_precision
         if store:
             ctx.save_for_backward(coupled, h_raw, zscale, mix_weight)
         return mixed, logdet
@@ -150,7 +146,8 @@ class CouplingMixFunction(torch.autograd.Function):
         coupled, h_raw, zscale, mix_weight = ctx.saved_tensors
         if grad_mixed is None:
             grad_mixed = torch.zeros_like(coupled)
-        _, grad_coupled, grad_w, grad_b = channel_mix_backward(None, grad_mixed, mix_weight, x=coupled)
+        _, grad_coupled, grad_w, grad_b = channel_mix_backward(None, grad_mixed, mix_weight, x=coupled,
+                                                               input_precision=ctx.input_precision)
         _, grad_y, grad_h, grad_zs = coupling_backward(coupled, grad_coupled, h_raw, zscale, grad_logdet,
                                                        affine=ctx.affine)
-        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None
+        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None, None

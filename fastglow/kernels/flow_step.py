@@ -1,9 +1,10 @@
 """The fused forward kernel of a Glow flow step, shared by :mod:`.channel_mix` and :mod:`.coupling`:
 coupling combine / uncombine of one step fused with the folded ActNorm + 1x1 conv (a per-pixel channel mix) of
-the next, plus the host helpers (checks, tile sizes) the flow-step kernels share.
+the next, plus the host helpers (checks) the flow-step kernels share.
 
-Tensors are NCHW contiguous and seen as (B, C, P), P = H*W. A program owns one batch sample and a block of
-pixels with *all* channels (padded to a power of two, masked), so the channel mix is a small matmul per tile.
+Tensors are NCHW contiguous and seen as (B, C, P), P = H*W. A program owns a block of output channels and a
+block of pixels of one sample and walks the input channels in chunks (coupling, then a small matmul per
+chunk), so no tile holds all C channels; sizes come from :mod:`.tiling`'s register budget.
 
 Maths (h = h_raw * exp(3 * zscale), halves y_a = y[:, :C/2], y_b = y[:, C/2:]):
     channel mix      out = mix_weight @ y + mix_bias      (the folded map: ActNorm + 1x1 conv,
@@ -12,7 +13,9 @@ Maths (h = h_raw * exp(3 * zscale), halves y_a = y[:, :C/2], y_b = y[:, C/2:]):
     affine coupling  log_s, t = h[:, :C/2], h[:, C/2:];  s = sigmoid(log_s + 2)
                      combine   y_b' = (y_b + t) s,  logdet[b] = sum_{c,p} log s;   uncombine  y_b = y_b' / s - t
     additive         y_b' = y_b + h  (logdet 0);                                   uncombine  y_b = y_b' - h
-The channel mix is exact (``tl.dot(..., input_precision="ieee")``, never TF32) so steps invert to rounding.
+The channel mix is exact by default (``tl.dot(..., input_precision="ieee")``, never plain TF32, which breaks
+invertibility); ``input_precision="tf32x3"`` (float32 only: three TF32 tensor-core products, ~float32 accuracy,
+see benchmarks/tf32_emulation.py) is an option until a GPU run decides. float64 always runs "ieee".
 Reductions (logdet, d zscale, d mix_weight, d mix_bias) write one partial per program into a buffer that torch
 sums afterwards: deterministic, no atomics; they accumulate in the input dtype (float32, or float64).
 """
@@ -22,6 +25,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ..checks import MIX_PRECISIONS
+from .tiling import elementwise_tiles, grid_tile, mix_tiles
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -45,23 +51,14 @@ def sigmoid_parts(u):
 
 
 @triton.jit
-def _flow_step_fwd_kernel(
-    x_ptr, h_ptr, zs_ptr, w_ptr, bias_ptr, mixed_ptr, coupled_ptr, ld_ptr,
-    C, C_OUT, P, HALF, N_PB,
-    HAS_COUPLING: tl.constexpr, INVERSE: tl.constexpr, AFFINE: tl.constexpr, HAS_MIX: tl.constexpr,
-    STORE_COUPLED: tl.constexpr, LOGDET: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    """coupled = combine/uncombine(x, h) (or x); optionally store it; mixed = mix_weight @ coupled + mix_bias."""
-    pid_p = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+def coupled_chunk(x_ptr, h_ptr, zs_ptr, b, offs_c, offs_p, mp, C, P, HALF,
+                  HAS_COUPLING: tl.constexpr, INVERSE: tl.constexpr, AFFINE: tl.constexpr):
+    """Channels offs_c x pixels offs_p of sample b after the coupling (combine, or uncombine if INVERSE):
+    -> (coupled, log s with zeros outside the b-half and the masks)."""
     mc = offs_c < C
-    mp = offs_p < P
     mask = mc[:, None] & mp[None, :]
     x = tl.load(x_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :], mask=mask, other=0.0)
-
+    logsig = tl.zeros_like(x)
     if HAS_COUPLING:
         in_b = mc & (offs_c >= HALF)
         mb = in_b[:, None] & mp[None, :]
@@ -72,14 +69,12 @@ def _flow_step_fwd_kernel(
             et = tl.exp(3.0 * tl.load(zs_ptr + HALF + j, mask=in_b, other=0.0))
             log_s = tl.load(h_base + j[:, None] * P + offs_p[None, :], mask=mb, other=0.0) * es[:, None]
             t = tl.load(h_base + (HALF + j)[:, None] * P + offs_p[None, :], mask=mb, other=0.0) * et[:, None]
-            s, logsig, _one_minus_s = sigmoid_parts(log_s + 2.0)
+            s, ls, _one_minus_s = sigmoid_parts(log_s + 2.0)
             if INVERSE:
                 yb = x / s - t
             else:
                 yb = (x + t) * s
-            if LOGDET:
-                part = tl.sum(tl.sum(tl.where(mb, logsig, 0.0), axis=1), axis=0)
-                tl.store(ld_ptr + b * N_PB + pid_p, part)
+            logsig = tl.where(mb, ls, 0.0)
         else:
             e = tl.exp(3.0 * tl.load(zs_ptr + j, mask=in_b, other=0.0))
             h = tl.load(h_ptr + b * HALF * P + j[:, None] * P + offs_p[None, :], mask=mb, other=0.0) * e[:, None]
@@ -88,25 +83,57 @@ def _flow_step_fwd_kernel(
             else:
                 yb = x + h
         x = tl.where(mb, yb, x)
+    return x, logsig
 
-    if STORE_COUPLED:
-        tl.store(coupled_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :], x, mask=mask)
 
+@triton.jit
+def _flow_step_fwd_kernel(
+    x_ptr, h_ptr, zs_ptr, w_ptr, bias_ptr, mixed_ptr, coupled_ptr, ld_ptr,
+    C, C_OUT, P, HALF, N_PB,
+    HAS_COUPLING: tl.constexpr, INVERSE: tl.constexpr, AFFINE: tl.constexpr, HAS_MIX: tl.constexpr,
+    STORE_COUPLED: tl.constexpr, LOGDET: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_P: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Program (o, q, b): coupled = combine/uncombine(x, h) (or x) over chunks of BLOCK_C channels of pixel
+    block q of sample b; mixed[o-block] = sum over chunks mix_weight[o-block, chunk] @ coupled[chunk] + mix_bias.
+    The o == 0 program also stores coupled (STORE_COUPLED) and the logdet partial sum log s (LOGDET)."""
+    b, pid_o, pid_p, offs_o, mo, offs_p, mp = grid_tile(C_OUT, P, BLOCK_O, BLOCK_P)
+    first = pid_o == 0
+    acc = tl.zeros((BLOCK_O, BLOCK_P), dtype=x_ptr.dtype.element_ty)
+    ld = tl.zeros((BLOCK_P,), dtype=x_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x, logsig = coupled_chunk(x_ptr, h_ptr, zs_ptr, b, offs_c, offs_p, mp, C, P, HALF,
+                                  HAS_COUPLING, INVERSE, AFFINE)
+        if LOGDET:
+            ld += tl.sum(logsig, axis=0)
+        if STORE_COUPLED:
+            if first:
+                tl.store(coupled_ptr + b * C * P + offs_c[:, None] * P + offs_p[None, :], x,
+                         mask=(offs_c < C)[:, None] & mp[None, :])
+        if HAS_MIX:
+            w = tl.load(w_ptr + offs_o[:, None] * C + offs_c[None, :], mask=mo[:, None] & (offs_c < C)[None, :],
+                        other=0.0)
+            acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
+    if LOGDET:
+        if first:
+            tl.store(ld_ptr + b * N_PB + pid_p, tl.sum(ld, axis=0))
     if HAS_MIX:
-        for o0 in range(0, C_OUT, BLOCK_O):
-            offs_o = o0 + tl.arange(0, BLOCK_O)
-            mo = offs_o < C_OUT
-            w = tl.load(w_ptr + offs_o[:, None] * C + offs_c[None, :], mask=mo[:, None] & mc[None, :], other=0.0)
-            acc = tl.dot(w, x, input_precision="ieee")
-            acc += tl.load(bias_ptr + offs_o, mask=mo, other=0.0)[:, None]
-            tl.store(mixed_ptr + b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :], acc,
-                     mask=mo[:, None] & mp[None, :])
-
+        acc += tl.load(bias_ptr + offs_o, mask=mo, other=0.0)[:, None]
+        tl.store(mixed_ptr + b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :], acc,
+                 mask=mo[:, None] & mp[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Host helpers and launcher
 # ----------------------------------------------------------------------------------------------
+def dot_precision(input_precision: str, dtype: torch.dtype) -> str:
+    """The ``tl.dot`` input precision of the mix: one of MIX_PRECISIONS; float64 runs "ieee" whatever is asked."""
+    if input_precision not in MIX_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {MIX_PRECISIONS}, got {input_precision!r}")
+    return input_precision if dtype == torch.float32 else "ieee"
+
+
 def check_tensor(name, t, dtype=None, device=None, dim=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -119,15 +146,6 @@ def check_tensor(name, t, dtype=None, device=None, dim=None):
     if dim is not None and t.dim() != dim:
         raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
     return t.contiguous()
-
-
-def pow2(n: int, lo: int = 16) -> int:
-    return max(lo, triton.next_power_of_2(max(int(n), 1)))
-
-
-def pixel_block(p: int, channels_pow2: int, budget: int = 8192) -> int:
-    """Pixels per tile: up to `budget` elements of a (channels x pixels) tile, at least 16 (tl.dot)."""
-    return max(16, min(pow2(p), 128, budget // channels_pow2))
 
 
 def check_mix(mix_weight, mix_bias, c_in, x):
@@ -156,33 +174,34 @@ def check_coupling(y, h_raw, zscale, affine):
     return h_raw, zscale.reshape(-1)
 
 
-def launch_forward(x, h_raw, zscale, mix_weight, mix_bias, *, coupling, inverse, affine, store_coupled):
+def launch_forward(x, h_raw, zscale, mix_weight, mix_bias, *, coupling, inverse, affine, store_coupled,
+                   input_precision="ieee"):
     """Launch :func:`_flow_step_fwd_kernel` on checked operands: -> (mixed, coupled, logdet [B] or None)."""
     b, c, hh, ww = x.shape
     p = hh * ww
     has_mix = mix_weight is not None
     c_out = mix_weight.shape[0] if has_mix else c
     logdet = coupling and affine and not inverse
-    block_c = pow2(c)
-    block_p = pixel_block(p, block_c)
-    n_pb = triton.cdiv(p, block_p)
+    precision = dot_precision(input_precision, x.dtype) if has_mix else "ieee"  # no dot: one specialisation
+    tiles = mix_tiles(c_out, b, p, x.dtype) if has_mix else elementwise_tiles(c, b, p, x.dtype, rows_in_grid=False)
     mixed = x.new_empty((b, c_out, hh, ww)) if has_mix else None
     coupled = x.new_empty(x.shape) if store_coupled else None
-    ld = x.new_zeros((b, n_pb)) if logdet else None
+    ld = x.new_zeros((b, tiles.n_pix)) if logdet else None
     if b * p > 0:
-        _flow_step_fwd_kernel[(n_pb, b)](
+        _flow_step_fwd_kernel[tiles.grid(b)](
             x, h_raw if coupling else x, zscale if coupling else x, mix_weight if has_mix else x,
             mix_bias if has_mix else x, mixed if has_mix else x, coupled if store_coupled else x, ld if logdet else x,
-            c, c_out, p, c // 2, n_pb,
+            c, c_out, p, c // 2, tiles.n_pix,
             HAS_COUPLING=coupling, INVERSE=inverse, AFFINE=affine, HAS_MIX=has_mix,
             STORE_COUPLED=store_coupled, LOGDET=logdet,
-            BLOCK_C=block_c, BLOCK_O=max(16, min(64, 8192 // block_c)), BLOCK_P=block_p,
+            BLOCK_C=tiles.block_k, BLOCK_O=tiles.block_rows, BLOCK_P=tiles.block_p,
+            INPUT_PRECISION=precision, num_warps=tiles.num_warps,
         )
     return mixed, coupled, (ld.sum(1) if logdet else None)
 
 
 def coupling_mix_forward(y, h_raw, zscale, mix_weight=None, mix_bias=None, *, affine: bool, inverse: bool = False,
-                         store_coupled: bool = False):
+                         store_coupled: bool = False, input_precision: str = "ieee"):
     """Coupling (combine, or uncombine if ``inverse``) of y with h = h_raw * exp(3 zscale), then optionally the
     channel mix ``mix_weight @ coupled + mix_bias`` in the same pass.
 
@@ -197,7 +216,8 @@ def coupling_mix_forward(y, h_raw, zscale, mix_weight=None, mix_bias=None, *, af
         raise ValueError("mix_bias given without mix_weight")
     mixed, coupled, logdet = launch_forward(y, h_raw, zscale, mix_weight, mix_bias, coupling=True,
                                             inverse=bool(inverse), affine=bool(affine),
-                                            store_coupled=bool(store_coupled) or mix_weight is None)
+                                            store_coupled=bool(store_coupled) or mix_weight is None,
+                                            input_precision=input_precision)
     if logdet is None and not inverse:
         logdet = y.new_zeros(y.shape[0])
     return mixed, coupled, logdet

@@ -19,6 +19,8 @@ from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
+from .tiling import lu_tiles
+
 __all__ = ["perm_from_matrix", "lu_weight_forward", "lu_weight_backward", "LUWeightFunction"]
 
 
@@ -171,15 +173,6 @@ def perm_from_matrix(w_p: torch.Tensor, validate: bool = False) -> torch.Tensor:
     return perm.contiguous()
 
 
-def _tiles(c: int, device: torch.device) -> tuple[int, int, int]:
-    """(CP, BN, num_warps). The interpreter runs programs one after another: one block of columns."""
-    cp = max(16, triton.next_power_of_2(c))
-    if device.type != "cuda":
-        return cp, cp, 4
-    bn = max(16, min(cp, 8192 // cp))
-    return cp, bn, 8 if cp >= 256 else 4
-
-
 def _check_params(fn, perm, w_l, w_u, w_s, s_sign):
     if w_l.dim() != 3 or w_l.shape[1] != w_l.shape[2]:
         raise ValueError(f"{fn}: w_l must be (S, C, C), got shape {tuple(w_l.shape)}")
@@ -214,7 +207,7 @@ def lu_weight_forward(perm, w_l, w_u, w_s, s_sign, inverse: bool = True):
         if c == 0:
             logdet.zero_()
         return w, w_inv, logdet
-    cp, bn, warps = _tiles(c, w_l.device)
+    cp, bn, warps = lu_tiles(c, w_l.dtype)
     grid = (s, triton.cdiv(c, bn))
     _lu_weight_fwd_kernel[grid](perm, w_l, w_u, w_s, s_sign, w, w if w_inv is None else w_inv, logdet, c,
                                 CP=cp, BN=bn, INVERSE=inverse, num_warps=warps)
@@ -253,7 +246,7 @@ def lu_weight_backward(perm, w_l, w_u, w_s, s_sign, W_inv, grad_W, grad_W_inv=No
         return g_wl, g_wu, g_ws
     scratch_t = torch.empty_like(w_l) if grad_W_inv is not None else g_wl
     scratch_gm = torch.empty_like(w_l)
-    cp, bn, warps = _tiles(c, dev)
+    cp, bn, warps = lu_tiles(c, w_l.dtype)
     dummy = g_wl
     _lu_weight_bwd_kernel[(s,)](
         perm, w_l, w_u, w_s, s_sign,
