@@ -17,9 +17,11 @@ both backends), for one flow step x -> mix -> y -> coupling -> out:
   together (None: the whole level);
 - ``coupling_net(coupling, out_a) -> (tensors...)``: the coupling network on the output's first half (equal
   to the input's); run with grad, it is the one network evaluation of the step in backward;
-- ``coupling_backward(out, grad_out, net_out, grad_logdet, affine) -> (y, grad_y, (grad per net_out
+- ``coupling_backward(out, grad_out, net_out, grad_logdet, affine, reuse) -> (y, grad_y, (grad per net_out
   tensor))``: the coupling input rebuilt and the vector-Jacobian product of the combine (grad_y's first
-  half without the network's path, which the caller adds);
+  half without the network's path, which the caller adds); ``reuse``: out and grad_out belong to the caller
+  alone, so y and grad_y may be written over them (their second halves: the network's graph holds out's
+  first half, which is never written);
 - ``mix_backward(y, grad_y, fold) -> (x, grad_x, grad_mix_weight, grad_mix_bias)``: the mix input rebuilt,
   x = M^-1 (y - m), and the vector-Jacobian product of the mix.
 """
@@ -124,24 +126,28 @@ class EagerSteps:
         return (coupling.run_net(coupling.net, out_a),)
 
     @staticmethod
-    def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool):
-        """y_b = uncombine(out_b, h) (the reference's); the combine's vjp, with g = ∂L/∂out_b: additive
-        ∂y_b = ∂h = g; affine (s = sigmoid(log_s + 2)) ∂y_b = ∂t = g s, ∂log_s = (g out_b + ∂L/∂logdet) (1 - s)."""
+    def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool, reuse: bool = False):
+        """y_b = uncombine(out_b, h) (the reference's arithmetic); the combine's vjp, with g = ∂L/∂out_b: additive
+        ∂y_b = ∂h = g; affine (s = sigmoid(log_s + 2)) ∂y_b = ∂t = g s, ∂log_s = (g out_b + ∂L/∂logdet) (1 - s).
+        ``reuse``: y_b and ∂y_b are written over out_b and g (no level-sized allocation but ∂h's)."""
         (h,) = net_out
         half = out.shape[1] // 2
+        if not reuse:
+            out, grad_out = out.clone(), grad_out.clone()
         out_b, g = out[:, half:], grad_out[:, half:]
         with full_precision():
-            y_b = reference.coupling_uncombine(out_b, h, affine)
             if affine:
-                s = torch.sigmoid(h[:, :half] + 2)
-                grad_y_b = g * s
+                log_s, t = h.chunk(2, 1)
+                s = torch.sigmoid(log_s + 2)
                 grad_log_s = g * out_b
                 if grad_logdet is not None:
                     grad_log_s += grad_logdet.view(-1, 1, 1, 1)
-                grad_h = torch.cat([grad_log_s.mul_(1 - s), grad_y_b], 1)
+                grad_h = torch.cat([grad_log_s.mul_(1 - s), g.mul_(s)], 1)
+                out_b.div_(s).sub_(t)
             else:
-                grad_y_b = grad_h = g
-        return torch.cat([out[:, :half], y_b], 1), torch.cat([grad_out[:, :half], grad_y_b], 1), (grad_h,)
+                grad_h = g
+                out_b.sub_(h)
+        return out, grad_out, (grad_h,)
 
     @staticmethod
     def mix_backward(y, grad_y, fold: FoldedMix):

@@ -71,34 +71,36 @@ def level_backward(steps, y, grad_y, grad_logdet, backend, x0=None, chunk=None, 
             folded = backend.fold(steps[first:end])
         mixes = []
         for k in reversed(range(first, end)):
+            owned = k < len(steps) - 1  # the level's y (the user's latents) and grad_y are not ours to write
             out, grad, mix = _step_backward(steps[k], folded[k - first], out, grad, grad_logdet, backend,
-                                            grads.net_params[k], grads, parts)
+                                            grads.net_params[k], grads, parts, owned)
             mixes.append(mix)
         grads.fold_backward(folded, mixes[::-1], grads.fold_params[first:end], logdet_grad)
     return LevelGradients(grad, grads.per_step(), None if x0 is None else relative_error(out, x0))
 
 
-def _step_backward(step, fold, out, grad, grad_logdet, backend, net_params, grads, parts):
-    """One step's backward over the batch chunks ``parts``: -> (x, ∂L/∂x, (∂L/∂M, ∂L/∂m))."""
+def _step_backward(step, fold, out, grad, grad_logdet, backend, net_params, grads, parts, owned):
+    """One step's backward over the batch chunks ``parts``: -> (x, ∂L/∂x, (∂L/∂M, ∂L/∂m)). ``owned``: out and
+    grad are this backward's own buffers, which the coupling primitive may overwrite."""
     if len(parts) == 1:
-        return _chunk_backward(step, fold, out, grad, grad_logdet, backend, net_params, grads)
+        return _chunk_backward(step, fold, out, grad, grad_logdet, backend, net_params, grads, owned)
     x, grad_x, mix = out.new_empty(out.shape), grad.new_empty(grad.shape), None
     for part in parts:
         gld = None if grad_logdet is None else grad_logdet[part]
         x[part], grad_x[part], part_mix = _chunk_backward(step, fold, out[part], grad[part], gld, backend,
-                                                          net_params, grads)
+                                                          net_params, grads, owned)
         mix = part_mix if mix is None else (mix[0] + part_mix[0], mix[1] + part_mix[1])
     return x, grad_x, mix
 
 
-def _chunk_backward(step, fold, out, grad, grad_logdet, backend, net_params, grads):
+def _chunk_backward(step, fold, out, grad, grad_logdet, backend, net_params, grads, owned):
     """One step's backward on one batch chunk: the network once, the coupling and mix primitives."""
     half = out.shape[1] // 2
     with torch.enable_grad():
-        out_a = out[:, :half].detach().requires_grad_()
+        out_a = _first_half_leaf(out, half)
         net_out = backend.coupling_net(step.coupling, out_a)
     y, grad_y, grad_net = backend.coupling_backward(out, grad, [t.detach() for t in net_out], grad_logdet,
-                                                    step.coupling.affine)
+                                                    step.coupling.affine, reuse=owned)
     pairs = [(t, g) for t, g in zip(net_out, grad_net) if t.requires_grad]
     net_grads = torch.autograd.grad([t for t, _ in pairs], [out_a, *net_params], [g for _, g in pairs],
                                     allow_unused=True)
@@ -106,6 +108,16 @@ def _chunk_backward(step, fold, out, grad, grad_logdet, backend, net_params, gra
     grads.add(net_params, net_grads[1:])
     x, grad_x, grad_mix_weight, grad_mix_bias = backend.mix_backward(y, grad_y, fold)
     return x, grad_x, (grad_mix_weight, grad_mix_bias)
+
+
+def _first_half_leaf(out: torch.Tensor, half: int) -> torch.Tensor:
+    """out[:, :half] as a leaf that requires grad, on out's memory but with a version counter of its own: the
+    coupling primitive may rewrite out's second half in place (``reuse``) while the network's graph holds this
+    half, which nothing writes. (A view would share out's counter and fail autograd's saved-tensor check.)"""
+    with torch.no_grad():
+        view = out[:, :half]
+        leaf = out.new_empty(0).set_(view.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+    return leaf.requires_grad_()
 
 
 class _GradientSums:

@@ -88,9 +88,10 @@ def level_inverse(flows, y: torch.Tensor, input_precision: str = "ieee") -> torc
     return y
 
 
-def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool):
+def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool, reuse: bool = False):
     """Reversible-backward primitive: one kernel rebuilds the coupling input y from out and gives grad_y (first
-    half without the network's path), d h_raw and d zscale."""
+    half without the network's path), d h_raw and d zscale. ``reuse`` is declined: the kernel writes fresh
+    buffers (in place, lanes that replicate an element could read it after another lane rewrote it)."""
     h_raw, zscale = net_out
     y, grad_y, grad_h, grad_zs = coupling_kernels.coupling_backward(out, grad_out, h_raw, zscale, grad_logdet,
                                                                     affine=affine)
