@@ -15,8 +15,9 @@ both backends), for one flow step x -> mix -> y -> coupling -> out:
 - ``fold(steps) -> [FoldedMix]``: ActNorm + 1x1 conv of every step folded into y = M x + m (and its
   inverse), differentiable in the parameters; ``fold_group``: how many steps' maps are folded and differentiated
   together (None: the whole level);
-- ``coupling_net(coupling, out_a) -> (tensors...)``: the coupling network on the output's first half (equal
-  to the input's); run with grad, it is the one network evaluation of the step in backward;
+- ``coupling_net(coupling, out_a) -> (h_raw, zscale)``: the coupling network on the output's first half (equal
+  to the input's) without its last factor, h = h_raw exp(3 zscale); run with grad, it is the one network
+  evaluation of the step in backward;
 - ``coupling_backward(out, grad_out, net_out, grad_logdet, affine, reuse) -> (y, grad_y, (grad per net_out
   tensor))``: the coupling input rebuilt and the vector-Jacobian product of the combine (grad_y's first
   half without the network's path, which the caller adds); ``reuse``: out and grad_out belong to the caller
@@ -123,19 +124,22 @@ class EagerSteps:
 
     @staticmethod
     def coupling_net(coupling: reference.AffineCoupling, out_a: torch.Tensor):
-        return (coupling.run_net(coupling.net, out_a),)
+        return coupling.run_net_raw(out_a)
 
     @staticmethod
     def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool, reuse: bool = False):
-        """y_b = uncombine(out_b, h) (the reference's arithmetic); the combine's vjp, with g = ∂L/∂out_b: additive
-        ∂y_b = ∂h = g; affine (s = sigmoid(log_s + 2)) ∂y_b = ∂t = g s, ∂log_s = (g out_b + ∂L/∂logdet) (1 - s).
-        ``reuse``: y_b and ∂y_b are written over out_b and g (no level-sized allocation but ∂h's)."""
-        (h,) = net_out
+        """With h = h_raw e, e = exp(3 zscale): y_b = uncombine(out_b, h) (the reference's arithmetic) and the
+        combine's vjp, g = ∂L/∂out_b: additive ∂y_b = ∂h = g; affine (s = sigmoid(log_s + 2)) ∂y_b = ∂t = g s,
+        ∂log_s = (g out_b + ∂L/∂logdet) (1 - s); then ∂h_raw = ∂h e, ∂zscale = 3 Σ_{b,p} ∂h h.
+        ``reuse``: y_b and ∂y_b are written over out_b and g (no level-sized allocation but ∂h_raw's)."""
+        h_raw, zscale = net_out
         half = out.shape[1] // 2
         if not reuse:
             out, grad_out = out.clone(), grad_out.clone()
         out_b, g = out[:, half:], grad_out[:, half:]
         with full_precision():
+            e = torch.exp(zscale * 3).view(1, -1, 1, 1)
+            h = h_raw * e
             if affine:
                 log_s, t = h.chunk(2, 1)
                 s = torch.sigmoid(log_s + 2)
@@ -145,9 +149,10 @@ class EagerSteps:
                 grad_h = torch.cat([grad_log_s.mul_(1 - s), g.mul_(s)], 1)
                 out_b.div_(s).sub_(t)
             else:
-                grad_h = g
+                grad_h = g.clone()
                 out_b.sub_(h)
-        return out, grad_out, (grad_h,)
+            grad_zscale = (grad_h * h).sum((0, 2, 3)).mul_(3)
+        return out, grad_out, (grad_h.mul_(e), grad_zscale)
 
     @staticmethod
     def mix_backward(y, grad_y, fold: FoldedMix):

@@ -15,7 +15,6 @@ A flow step with ActNorm and the 1x1 conv folded into one per-pixel affine map (
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from . import reference
 from .backends import EagerSteps, FoldedMix, fold_mixes, full_precision
@@ -44,14 +43,9 @@ def fold_level(flows) -> list[FoldedMix]:
 
 
 def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
-    """The coupling network without its final exp(3 * scale): (h_raw, zscale); h_raw contiguous in x_a's dtype
-    (the network itself may run under autocast, and in channels_last: ``coupling.run_net``)."""
-    net = coupling.net
-
-    def raw(v):
-        return net[4].conv(F.pad(net[3](net[2](net[1](net[0](v)))), [1, 1, 1, 1], value=1))
-
-    return coupling.run_net(raw, x_a).to(x_a.dtype).contiguous(), net[4].scale.reshape(-1)
+    """``coupling.run_net_raw``: (h_raw, zscale), h_raw contiguous in x_a's dtype as the kernels read it."""
+    h_raw, zscale = coupling.run_net_raw(x_a)
+    return h_raw.to(x_a.dtype).contiguous(), zscale
 
 
 def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee"):

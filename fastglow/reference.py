@@ -263,6 +263,17 @@ class AffineCoupling(nn.Module):
         with torch.autocast(x_a.device.type, dtype=self.net_autocast):
             return fn(x_a).to(x_a.dtype)
 
+    def run_net_raw(self, x_a: torch.Tensor):
+        """The network without its last factor: -> (h_raw, scale [C_h]), h = h_raw * exp(3 scale) (the
+        reversible backward applies and differentiates that factor itself, so the network's graph ends at a conv
+        whose output it does not save)."""
+        net = self.net
+
+        def raw(v):
+            return net[4].conv(F.pad(net[3](net[2](net[1](net[0](v)))), [1, 1, 1, 1], value=1))
+
+        return self.run_net(raw, x_a), net[4].scale.reshape(-1)
+
     def forward(self, x):
         x_a, x_b = x.chunk(2, 1)
         y_b, logdet = coupling_combine(x_b, self.run_net(self.net, x_a), self.affine)

@@ -75,6 +75,39 @@ def test_gradients_equal_plain_autograd_at_depth(affine, conv_lu, dtype, tol):
         assert rel_error(g_r[name], g_p[name]) <= tol, name
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_coupling_rebuild_over_own_buffers_equals_the_fresh_one(affine):
+    """``reuse=True`` writes y and grad_y over out and grad_out (the same numbers); ``reuse=False`` leaves
+    them untouched."""
+    gen = torch.Generator().manual_seed(0)
+    out, grad_out, h_raw = (torch.randn(2, 6, 5, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    h_raw = h_raw if affine else h_raw[:, :3]
+    net_out = (h_raw, 0.1 * torch.randn(h_raw.shape[1], generator=gen, dtype=torch.float64))
+    grad_logdet = torch.randn(2, generator=gen, dtype=torch.float64)
+    out0, grad0 = out.clone(), grad_out.clone()
+    y, grad_y, grad_net = EagerSteps.coupling_backward(out, grad_out, net_out, grad_logdet, affine)
+    assert torch.equal(out, out0) and torch.equal(grad_out, grad0)
+    y2, grad_y2, grad_net2 = EagerSteps.coupling_backward(out, grad_out, net_out, grad_logdet, affine, reuse=True)
+    assert y2.data_ptr() == out.data_ptr() and grad_y2.data_ptr() == grad_out.data_ptr()
+    for fresh, reused in ((y, y2), (grad_y, grad_y2), *zip(grad_net, grad_net2)):
+        torch.testing.assert_close(reused, fresh, rtol=0, atol=0)
+    assert not torch.equal(y, out0) and torch.equal(y[:, :3], out0[:, :3])
+
+
+@pytest.mark.parametrize("chunk", [None, 1])
+def test_backward_leaves_the_latents_and_input_as_they_were(chunk):
+    """The reversible backward rebuilds activations over its own buffers only: the level outputs the caller
+    holds (latents, next level's input) and the image are unchanged, chunked or not."""
+    _, rev, x = _pair(n_flow=3, n_block=2, size=8, batch=2)
+    rev.backward_chunk = chunk
+    xi = x.clone().requires_grad_()
+    log_p, logdet, z_outs = rev(xi)
+    kept = [z.clone() for z in z_outs]
+    _loss((log_p, logdet, z_outs)).backward()
+    assert all(torch.equal(z, k) for z, k in zip(z_outs, kept)) and torch.equal(xi.detach(), x)
+    assert xi.grad is not None and torch.isfinite(xi.grad).all()
+
+
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
 def test_gradcheck_through_reversible_levels(affine, conv_lu):
     torch.manual_seed(0)
@@ -155,7 +188,7 @@ def test_backward_evaluates_each_coupling_network_once_and_no_step_twice():
             return super().inverse(steps, v)
 
     for flow in flows:
-        flow.coupling.net.register_forward_hook(lambda *_: calls.__setitem__("network", calls["network"] + 1))
+        flow.coupling.net[0].register_forward_hook(lambda *_: calls.__setitem__("network", calls["network"] + 1))
     xi = fastglow.reference.squeeze2d(x).requires_grad_()
     y, logdet = reversible_steps(flows, xi, CountingSteps())
     assert calls == {"forward": 5, "inverse": 0, "network": 5}
