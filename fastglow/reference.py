@@ -224,9 +224,12 @@ class ZeroConv2d(nn.Module):
         self.conv.bias.data.zero_()
         self.scale = nn.Parameter(torch.zeros(1, out_channel, 1, 1))
 
+    def raw(self, x):
+        """The output before its factor exp(3 * scale)."""
+        return self.conv(F.pad(x, [1, 1, 1, 1], value=1))
+
     def forward(self, x):
-        out = self.conv(F.pad(x, [1, 1, 1, 1], value=1))
-        return out * torch.exp(self.scale * 3)
+        return self.raw(x) * torch.exp(self.scale * 3)
 
 
 class AffineCoupling(nn.Module):
@@ -264,15 +267,10 @@ class AffineCoupling(nn.Module):
             return fn(x_a).to(x_a.dtype)
 
     def run_net_raw(self, x_a: torch.Tensor):
-        """The network without its last factor: -> (h_raw, scale [C_h]), h = h_raw * exp(3 scale) (the
-        reversible backward applies and differentiates that factor itself, so the network's graph ends at a conv
-        whose output it does not save)."""
+        """-> (h_raw, scale [C_h]), NN(x_a) = h_raw * exp(3 scale): the reversible backward applies and
+        differentiates that factor itself, so the network's graph ends at a conv, which saves its output nowhere."""
         net = self.net
-
-        def raw(v):
-            return net[4].conv(F.pad(net[3](net[2](net[1](net[0](v)))), [1, 1, 1, 1], value=1))
-
-        return self.run_net(raw, x_a), net[4].scale.reshape(-1)
+        return self.run_net(lambda v: net[4].raw(net[3](net[2](net[1](net[0](v))))), x_a), net[4].scale.reshape(-1)
 
     def forward(self, x):
         x_a, x_b = x.chunk(2, 1)

@@ -364,14 +364,13 @@ def train(options: dict) -> dict:
     new_run = bool(options.pop("new_run", False))
     dist = setup_distributed(options.get("device"))
     lock = runfolder.RunLock(Path(options.get("out") or TrainConfig.out))
-    finished = False
+    summary = None
     try:
         summary = run(start_or_resume(options, resume, dist, new_run, lock))
-        finished = True
         return summary
     finally:
         lock.release()
-        teardown(dist, finished)
+        teardown(dist, finished=summary is not None)
 
 
 def run(state: RunState) -> dict:
