@@ -360,8 +360,7 @@ def _diverge(state: RunState, reason: str):
 def train(options: dict) -> dict:
     """Run (or resume, ``options["resume"]``) a training run; -> summary dict. Options as TrainConfig's fields."""
     options = dict(options)
-    resume = bool(options.pop("resume", False))
-    new_run = bool(options.pop("new_run", False))
+    resume, new_run = (bool(options.pop(flag, False)) for flag in ("resume", "new_run"))
     dist = setup_distributed(options.get("device"))
     lock = runfolder.RunLock(Path(options.get("out") or TrainConfig.out))
     summary = None
