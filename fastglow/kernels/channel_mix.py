@@ -37,12 +37,12 @@ def _channel_mix_bwd_kernel(
         o_off = b * C_OUT * P + offs_o[:, None] * P + offs_p[None, :]
         g = tl.load(gy_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
         w_t = tl.load(w_ptr + offs_o[None, :] * C_IN + offs_i[:, None], mask=mi[:, None] & mo[None, :], other=0.0)
-        gx = tl.dot(w_t, g, gx, input_precision=INPUT_PRECISION)
+        gx = tl.dot(w_t, g, gx, input_precision=INPUT_PRECISION, out_dtype=gx.dtype)
         if RECOMPUTE:
             y = tl.load(y_ptr + o_off, mask=mo[:, None] & mp[None, :], other=0.0)
             winv = tl.load(winv_ptr + offs_i[:, None] * C_OUT + offs_o[None, :], mask=mi[:, None] & mo[None, :],
                            other=0.0)
-            x = tl.dot(winv, y, x, input_precision=INPUT_PRECISION)
+            x = tl.dot(winv, y, x, input_precision=INPUT_PRECISION, out_dtype=x.dtype)
     mask = mi[:, None] & mp[None, :]
     i_off = b * C_IN * P + offs_i[:, None] * P + offs_p[None, :]
     tl.store(gx_ptr + i_off, gx, mask=mask)
@@ -76,7 +76,7 @@ def _channel_mix_wgrad_kernel(
                     other=0.0)
         x = tl.load(x_ptr + b * C_IN * P + offs_i[:, None] * P + offs_p[None, :], mask=mi[:, None] & mp[None, :],
                     other=0.0)
-        gw = tl.dot(g, tl.trans(x), gw, input_precision=INPUT_PRECISION)
+        gw = tl.dot(g, tl.trans(x), gw, input_precision=INPUT_PRECISION, out_dtype=gw.dtype)
         gb += tl.sum(g, axis=1)
     tl.store(gw_ptr + pid_s * C_OUT * C_IN + offs_o[:, None] * C_IN + offs_i[None, :], gw,
              mask=mo[:, None] & mi[None, :])

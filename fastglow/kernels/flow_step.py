@@ -114,7 +114,7 @@ def _flow_step_fwd_kernel(
         if HAS_MIX:
             w = tl.load(w_ptr + offs_o[:, None] * C + offs_c[None, :], mask=mo[:, None] & (offs_c < C)[None, :],
                         other=0.0)
-            acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION, out_dtype=acc.dtype)
     if LOGDET:
         if first:
             tl.store(ld_ptr + b * N_PB + pid_p, tl.sum(ld, axis=0))
