@@ -83,5 +83,5 @@ def test_lu_weight_level(benchmark, impl):
         return [torch.linalg.inv(w) for w in ws], [f.invconv.log_abs_det() for f in flows]
 
     benchmark.group = "lu_weight"
-    from fastglow.ops import fold_level  # after conftest decided TRITON_INTERPRET
+    from fastglow.backends.triton import fold_level  # after conftest decided TRITON_INTERPRET
     benchmark(synchronized(lambda: fold_level(flows) if impl == "fused" else eager()))

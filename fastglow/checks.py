@@ -9,11 +9,11 @@ import numbers
 import torch
 
 from . import reference
+from .kernels.utils import MIX_PRECISIONS  # the Triton 1x1 mix's tl.dot input precisions
 from .reference import z_shapes
 
 BACKENDS = ("auto", "eager", "triton")
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
-MIX_PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precision of the Triton 1x1 mix (float32; float64 is ieee)
 MAX_N_BLOCK = 12  # images must be at least 2**n_block pixels a side: 4096 is already far beyond any Glow
 
 

@@ -14,8 +14,9 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from .flow_step import check_mix, check_tensor, dot_precision, launch_forward
+from .flow_step import launch_forward
 from .tiling import grid_tile, mix_tiles, weight_grad_tiles
+from .utils import check_mix, check_tensor, dot_precision
 
 
 @triton.jit

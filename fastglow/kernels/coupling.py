@@ -11,8 +11,9 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from .channel_mix import channel_mix_backward
-from .flow_step import check_coupling, check_tensor, coupling_mix_forward, sigmoid_parts
+from .flow_step import coupling_mix_forward, sigmoid_parts
 from .tiling import elementwise_tiles, grid_tile
+from .utils import check_coupling, check_tensor
 
 
 @triton.jit

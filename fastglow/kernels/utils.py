@@ -1,0 +1,56 @@
+"""Host-side helpers every kernel file shares: operand checks, the dtypes the kernels run, the mix precisions.
+Imports neither triton nor anything above :mod:`fastglow.kernels` (the API layer imports these, not the reverse)."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = (torch.float32, torch.float64)
+MIX_PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precision of the 1x1 mix (float32; float64 is always ieee)
+
+
+def dot_precision(input_precision: str, dtype: torch.dtype) -> str:
+    """The ``tl.dot`` input precision of the mix: one of MIX_PRECISIONS; float64 runs "ieee" whatever is asked."""
+    if input_precision not in MIX_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {MIX_PRECISIONS}, got {input_precision!r}")
+    return input_precision if dtype == torch.float32 else "ieee"
+
+
+def check_tensor(name, t, dtype=None, device=None, dim=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like the activation")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def check_mix(mix_weight, mix_bias, c_in, x):
+    mix_weight = check_tensor("mix_weight", mix_weight, x.dtype, x.device, 2)
+    if mix_weight.shape[1] != c_in:
+        raise ValueError(f"mix_weight must have shape (C_out, {c_in}), got {tuple(mix_weight.shape)}")
+    if mix_bias is None:
+        return mix_weight, mix_weight.new_zeros(mix_weight.shape[0])
+    mix_bias = check_tensor("mix_bias", mix_bias, x.dtype, x.device).reshape(-1)
+    if mix_bias.numel() != mix_weight.shape[0]:
+        raise ValueError(f"mix_bias must have {mix_weight.shape[0]} elements, got {mix_bias.numel()}")
+    return mix_weight, mix_bias
+
+
+def check_coupling(y, h_raw, zscale, affine):
+    b, c, hh, ww = y.shape
+    if c % 2:
+        raise ValueError(f"coupling needs an even channel count, got C={c}")
+    c_h = c if affine else c // 2
+    h_raw = check_tensor("h_raw", h_raw, y.dtype, y.device, 4)
+    if tuple(h_raw.shape) != (b, c_h, hh, ww):
+        raise ValueError(f"h_raw must have shape {(b, c_h, hh, ww)} (affine={affine}), got {tuple(h_raw.shape)}")
+    zscale = check_tensor("zscale", zscale, y.dtype, y.device)
+    if zscale.numel() != c_h:
+        raise ValueError(f"zscale must have {c_h} elements (affine={affine}), got {zscale.numel()}")
+    return h_raw, zscale.reshape(-1)
