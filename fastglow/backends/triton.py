@@ -17,12 +17,10 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ..kernels import coupling as coupling_kernels
-from ..kernels.channel_mix import ChannelMixFunction, channel_mix_backward
-from ..kernels.coupling import CouplingFunction, CouplingMixFunction
-from ..kernels.flow_step import coupling_mix_forward
-from ..kernels.lu_weight import LUWeightFunction, perm_from_matrix
-from ..kernels.squeeze import SqueezeFunction
+from ..kernels.channel_mix import channel_mix, channel_mix_rebuild_grad
+from ..kernels.coupling import coupling, coupling_grad, coupling_mix, coupling_mix_inverse
+from ..kernels.lu_weight import lu_weight, perm_from_matrix
+from ..kernels.squeeze import squeeze
 from .base import FoldedMix, fold_mixes, full_precision
 from .eager import EagerSteps
 
@@ -38,7 +36,7 @@ def fold_level(flows) -> list[FoldedMix]:
         return EagerSteps.fold(flows)
     with full_precision():
         perm = perm_from_matrix(torch.stack([inv.w_p for inv in invs]))
-        w, w_inv, w_logdet = LUWeightFunction.apply(
+        w, w_inv, w_logdet = lu_weight(
             perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
         return fold_mixes(flows, w, w_inv, w_logdet)
 
@@ -55,14 +53,14 @@ def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee"):
     ``input_precision``: the mix's tl.dot precision ("ieee" or "tf32x3"), here and below."""
     folded = fold_level(flows)
     logdet = x.shape[2] * x.shape[3] * torch.stack([f.logdet_per_pixel for f in folded]).sum()  # 2 launches, not K
-    y = ChannelMixFunction.apply(x, folded[0].mix_weight, folded[0].mix_bias, input_precision)
+    y = channel_mix(x, folded[0].mix_weight, folded[0].mix_bias, input_precision)
     for k, flow in enumerate(flows):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
         if k + 1 < len(flows):
-            y, det = CouplingMixFunction.apply(y, h_raw, zscale, folded[k + 1].mix_weight, folded[k + 1].mix_bias,
-                                               flow.coupling.affine, torch.is_grad_enabled(), input_precision)
+            y, det = coupling_mix(y, h_raw, zscale, folded[k + 1].mix_weight, folded[k + 1].mix_bias,
+                             flow.coupling.affine, torch.is_grad_enabled(), input_precision)
         else:
-            y, det = CouplingFunction.apply(y, h_raw, zscale, flow.coupling.affine)
+            y, det = coupling(y, h_raw, zscale, flow.coupling.affine)
         logdet = logdet + det
     return y, logdet
 
@@ -78,8 +76,8 @@ def level_inverse(flows, y: torch.Tensor, input_precision: str = "ieee") -> torc
     folded = fold_level(flows)
     for flow, fold in zip(reversed(flows), reversed(folded)):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
-        y, _, _ = coupling_mix_forward(y, h_raw, zscale, fold.mix_weight_inv, fold.mix_bias_inv,
-                                       affine=flow.coupling.affine, inverse=True, input_precision=input_precision)
+        y = coupling_mix_inverse(y, h_raw, zscale, fold.mix_weight_inv, fold.mix_bias_inv, flow.coupling.affine,
+                                 input_precision)
     return y
 
 
@@ -88,8 +86,7 @@ def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool, reuse: 
     half without the network's path), d h_raw and d zscale. ``reuse`` is declined: the kernel writes fresh
     buffers (in place, lanes that replicate an element could read it after another lane rewrote it)."""
     h_raw, zscale = net_out
-    y, grad_y, grad_h, grad_zs = coupling_kernels.coupling_backward(out, grad_out, h_raw, zscale, grad_logdet,
-                                                                    affine=affine)
+    y, grad_y, grad_h, grad_zs = coupling_grad(out, grad_out, h_raw, zscale, grad_logdet, affine)
     return y, grad_y, (grad_h, grad_zs)
 
 
@@ -97,8 +94,8 @@ def mix_backward(y, grad_y, fold: FoldedMix, input_precision: str = "ieee"):
     """Reversible-backward primitive: one kernel rebuilds x = mix_weight_inv @ y + mix_bias_inv and gives
     grad_x, grad_mix_weight, grad_mix_bias (``input_precision``: the mix's tl.dot precision, see
     :data:`fastglow.kernels.utils.MIX_PRECISIONS`)."""
-    return channel_mix_backward(y, grad_y, fold.mix_weight.detach(), fold.mix_weight_inv.detach(),
-                                fold.mix_bias_inv.detach(), input_precision=input_precision)
+    return channel_mix_rebuild_grad(y, grad_y, fold.mix_weight.detach(), fold.mix_weight_inv.detach(),
+                                    fold.mix_bias_inv.detach(), input_precision)
 
 
 class TritonSteps:
@@ -116,11 +113,11 @@ class TritonSteps:
 
     @staticmethod
     def squeeze(x: torch.Tensor) -> torch.Tensor:
-        return SqueezeFunction.apply(x, False)
+        return squeeze(x, False)
 
     @staticmethod
     def unsqueeze(y: torch.Tensor) -> torch.Tensor:
-        return SqueezeFunction.apply(y, True)
+        return squeeze(y, True)
 
     def forward(self, steps, x: torch.Tensor):
         return level_forward(list(steps), x, self.mix_precision)

@@ -54,3 +54,13 @@ def check_coupling(y, h_raw, zscale, affine):
     if zscale.numel() != c_h:
         raise ValueError(f"zscale must have {c_h} elements (affine={affine}), got {zscale.numel()}")
     return h_raw, zscale.reshape(-1)
+
+
+def fake_or_meta(launcher, shapes):
+    """An op's fake implementation: ``shapes`` (empty outputs of the right shapes, dtypes and devices) under
+    FakeTensorMode (torch.compile, torch.export, opcheck); on real meta tensors the ``launcher`` itself, whose
+    launches a launch capture records without running (benchmarks/launch_capture.py)."""
+    def fake(*args):
+        first = next(a for a in args if isinstance(a, torch.Tensor))
+        return launcher(*args) if first.device.type == "meta" else shapes(*args)
+    return fake
