@@ -12,7 +12,8 @@ from .backends import select_backend
 from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
                      check_labels, check_matches_model, check_sample_args, check_z_list)
 from .conditional import DEFAULT_CLASS_WEIGHT
-from .reversible import ReconstructionMonitor, ReversibleOptions, check_reversible_options, reversible_steps
+from .reversible import (LevelHandle, ReconstructionMonitor, ReversibleOptions, check_reversible_options,
+                         reversible_steps)
 
 
 class Glow(reference.Glow):
@@ -54,6 +55,8 @@ class Glow(reference.Glow):
         self.reversible_tol = reversible_tol
         self.backward_chunk = backward_chunk
         self._reconstruction = ReconstructionMonitor(n_block)
+        self._level_handles = [LevelHandle(block.flows, None, self._reconstruction, i)
+                               for i, block in enumerate(self.blocks)]  # the reversible level ops' keys
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
         self.mix_precision = mix_precision
         for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
@@ -106,7 +109,7 @@ class Glow(reference.Glow):
             return backend.forward(block.flows, x)
         level = next(i for i, b in enumerate(self.blocks) if b is block)
         options = ReversibleOptions(self.reversible_tol, self.backward_chunk, self._reconstruction, level)
-        return reversible_steps(block.flows, x, backend, options)
+        return reversible_steps(block.flows, x, backend, options, self._level_handles[level])
 
     def reconstruction_error(self) -> torch.Tensor:
         """Per level [n_block]: max over samples of ||x̂ - x|| / ||x|| between the level input rebuilt by the
@@ -122,7 +125,7 @@ class Glow(reference.Glow):
     def reverse(self, z_list, reconstruct: bool = False, y: torch.Tensor | None = None) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise, which a
         class-conditional model turns into latents under the prior of labels y (int64 [B])."""
-        check_z_list(z_list, self.in_channel, self.n_block)
+        check_z_list(z_list, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
         check_labels(y, self.n_classes, z_list[-1].shape[0], z_list[-1].device, required=not reconstruct)
         with self.flow_precision(z_list[-1].device.type):

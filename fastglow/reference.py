@@ -192,17 +192,19 @@ class InvConv2dLU(_InvConv1x1):
 
     def __init__(self, in_channel: int):
         super().__init__()
-        q, _ = linalg.qr(torch.randn(in_channel, in_channel, dtype=torch.float64).numpy())
+        # numpy's generator, QR in float64, LU of the float32 rotation: rosinality's draws, so a seeded run
+        # (torch.manual_seed and np.random.seed) starts from its weights
+        q, _ = linalg.qr(np.random.randn(in_channel, in_channel))
         w_p, w_l, w_u = linalg.lu(q.astype(np.float32))
-        w_s = np.diag(w_u)
+        w_s = torch.from_numpy(np.diag(w_u).copy())
         u_mask = np.triu(np.ones_like(w_u), 1)
         self.register_buffer("w_p", torch.from_numpy(w_p))
         self.register_buffer("u_mask", torch.from_numpy(u_mask))
         self.register_buffer("l_mask", torch.from_numpy(u_mask.T.copy()))
-        self.register_buffer("s_sign", torch.from_numpy(np.sign(w_s)))
+        self.register_buffer("s_sign", torch.sign(w_s))
         self.register_buffer("l_eye", torch.eye(in_channel))
         self.w_l = nn.Parameter(torch.from_numpy(w_l))
-        self.w_s = nn.Parameter(torch.from_numpy(np.log(np.abs(w_s))))
+        self.w_s = nn.Parameter(torch.log(torch.abs(w_s)))
         self.w_u = nn.Parameter(torch.from_numpy(np.triu(w_u, 1)))
 
     def calc_weight(self) -> torch.Tensor:

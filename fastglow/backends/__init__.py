@@ -11,15 +11,14 @@ one contract, :class:`.base.Backend`:
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from .base import Backend, FoldedMix, fold_mixes, full_precision
+from .base import BACKEND_PRIMITIVES, Backend, FoldedMix, fold_mixes, full_precision
 from .eager import EagerSteps
 
-__all__ = ["Backend", "EagerSteps", "FoldedMix", "TritonSteps", "fold_mixes", "full_precision", "select_backend",
+__all__ = ["BACKEND_PRIMITIVES", "Backend", "EagerSteps", "FoldedMix", "TritonSteps", "fold_mixes", "full_precision", "select_backend",
            "triton_interpreter_enabled"]
 
 
@@ -34,10 +33,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON: dict = {}  # one TritonSteps per mix precision
+
+
 def _triton_steps(mix_precision: str):
-    from .triton import TritonSteps
-    return TritonSteps(mix_precision)
+    if mix_precision not in _TRITON:
+        from .triton import TritonSteps
+        _TRITON[mix_precision] = TritonSteps(mix_precision)
+    return _TRITON[mix_precision]
 
 
 _EAGER = EagerSteps()

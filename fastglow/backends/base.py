@@ -69,6 +69,10 @@ class Backend(Protocol):
         vector-Jacobian product grad_x = M^T grad_y, grad_M = sum_{b,p} grad_y x^T, grad_m = sum_{b,p} grad_y."""
 
 
+BACKEND_PRIMITIVES = ("squeeze", "unsqueeze", "forward", "inverse", "fold", "coupling_net", "coupling_backward",
+                      "mix_backward")  # Backend's methods (a test keeps the two in step)
+
+
 def full_precision():
     """Autocast off (a no-op when it is off already): the 1x1 conv, the folded maps and the elementwise rebuilds
     must invert exactly, never in a low-precision autocast dtype."""

@@ -21,6 +21,7 @@ from ..kernels.channel_mix import channel_mix, channel_mix_rebuild_grad
 from ..kernels.coupling import coupling, coupling_grad, coupling_mix, coupling_mix_inverse
 from ..kernels.lu_weight import lu_weight, perm_from_matrix
 from ..kernels.squeeze import squeeze
+from ..kernels.utils import call
 from .base import FoldedMix, fold_mixes, full_precision
 from .eager import EagerSteps
 
@@ -36,8 +37,8 @@ def fold_level(flows) -> list[FoldedMix]:
         return EagerSteps.fold(flows)
     with full_precision():
         perm = perm_from_matrix(torch.stack([inv.w_p for inv in invs]))
-        w, w_inv, w_logdet = lu_weight(
-            perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
+        w, w_inv, w_logdet = call(
+            lu_weight, perm, *(torch.stack([getattr(inv, n) for inv in invs]) for n in ("w_l", "w_u", "w_s", "s_sign")))
         return fold_mixes(flows, w, w_inv, w_logdet)
 
 
@@ -53,14 +54,14 @@ def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee"):
     ``input_precision``: the mix's tl.dot precision ("ieee" or "tf32x3"), here and below."""
     folded = fold_level(flows)
     logdet = x.shape[2] * x.shape[3] * torch.stack([f.logdet_per_pixel for f in folded]).sum()  # 2 launches, not K
-    y = channel_mix(x, folded[0].mix_weight, folded[0].mix_bias, input_precision)
+    y = call(channel_mix, x, folded[0].mix_weight, folded[0].mix_bias, input_precision)
     for k, flow in enumerate(flows):
         h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
         if k + 1 < len(flows):
             y, det = coupling_mix(y, h_raw, zscale, folded[k + 1].mix_weight, folded[k + 1].mix_bias,
                              flow.coupling.affine, torch.is_grad_enabled(), input_precision)
         else:
-            y, det = coupling(y, h_raw, zscale, flow.coupling.affine)
+            y, det = call(coupling, y, h_raw, zscale, flow.coupling.affine)
         logdet = logdet + det
     return y, logdet
 
@@ -113,11 +114,11 @@ class TritonSteps:
 
     @staticmethod
     def squeeze(x: torch.Tensor) -> torch.Tensor:
-        return squeeze(x, False)
+        return call(squeeze, x, False)
 
     @staticmethod
     def unsqueeze(y: torch.Tensor) -> torch.Tensor:
-        return squeeze(y, True)
+        return call(squeeze, y, True)
 
     def forward(self, steps, x: torch.Tensor):
         return level_forward(list(steps), x, self.mix_precision)

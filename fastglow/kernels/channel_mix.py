@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .flow_step import launch_forward
 from .tiling import grid_tile, mix_tiles, weight_grad_tiles
-from .utils import check_mix, check_tensor, dot_precision, fake_or_meta
+from .utils import check_mix, check_tensor, dot_precision, fake_or_meta, register_autograd
 
 
 @triton.jit
@@ -214,4 +214,4 @@ def _mix_grad(ctx, grad_out):
 channel_mix.register_fake(fake_or_meta(channel_mix_forward, _mix_shape))
 channel_mix_grad.register_fake(fake_or_meta(_channel_mix_grad, _grad_shapes))
 channel_mix_rebuild_grad.register_fake(fake_or_meta(_channel_mix_rebuild_grad, _rebuild_grad_shapes))
-channel_mix.register_autograd(_mix_grad, setup_context=_mix_setup)
+register_autograd(channel_mix, _mix_grad, _mix_setup)

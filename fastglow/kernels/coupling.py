@@ -12,7 +12,7 @@ import triton.language as tl
 from .channel_mix import channel_mix_grad
 from .flow_step import coupling_mix_forward, sigmoid_parts
 from .tiling import elementwise_tiles, grid_tile
-from .utils import check_coupling, check_tensor, fake_or_meta
+from .utils import check_coupling, check_tensor, call, fake_or_meta, register_autograd
 
 
 @triton.jit
@@ -137,7 +137,7 @@ def _coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine, store, input_p
 
 def coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool, input_precision: str = "ieee"):
     """:func:`coupling_mix_op` without its coupled tensor: (mixed, logdet [B])."""
-    mixed, logdet, _ = coupling_mix_op(y, h_raw, zscale, mix_weight, mix_bias, affine, store, input_precision)
+    mixed, logdet, _ = call(coupling_mix_op, y, h_raw, zscale, mix_weight, mix_bias, affine, store, input_precision)
     return mixed, logdet
 
 
@@ -214,5 +214,5 @@ coupling.register_fake(fake_or_meta(_coupling, _coupling_shapes))
 coupling_mix_op.register_fake(fake_or_meta(_coupling_mix, _coupling_mix_shapes))
 coupling_mix_inverse.register_fake(fake_or_meta(_coupling_mix_inverse, _inverse_shape))
 coupling_grad.register_fake(fake_or_meta(_coupling_grad, _coupling_grad_shapes))
-coupling.register_autograd(_coupling_backprop, setup_context=_coupling_setup)
-coupling_mix_op.register_autograd(_coupling_mix_backprop, setup_context=_coupling_mix_setup)
+register_autograd(coupling, _coupling_backprop, _coupling_setup)
+register_autograd(coupling_mix_op, _coupling_mix_backprop, _coupling_mix_setup)

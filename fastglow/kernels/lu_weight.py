@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .tiling import lu_tiles
-from .utils import fake_or_meta
+from .utils import fake_or_meta, register_autograd
 
 __all__ = ["perm_from_matrix", "lu_weight_forward", "lu_weight_backward", "lu_weight", "lu_weight_grad"]
 
@@ -302,4 +302,4 @@ def _lu_grad(ctx, grad_w, grad_w_inv, grad_logdet):
 
 lu_weight.register_fake(fake_or_meta(_lu_weight, _lu_weight_shapes))
 lu_weight_grad.register_fake(fake_or_meta(lu_weight_backward, _lu_weight_grad_shapes))
-lu_weight.register_autograd(_lu_grad, setup_context=_lu_setup)
+register_autograd(lu_weight, _lu_grad, _lu_setup)

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import fake_or_meta
+from .utils import fake_or_meta, register_autograd
 
 __all__ = ["squeeze_forward", "squeeze_backward", "unsqueeze_forward", "unsqueeze_backward", "squeeze"]
 
@@ -133,4 +133,4 @@ def _squeeze_grad(ctx, grad):
 
 
 squeeze.register_fake(fake_or_meta(_squeeze, _squeeze_shape))
-squeeze.register_autograd(_squeeze_grad, setup_context=_squeeze_setup)
+register_autograd(squeeze, _squeeze_grad, _squeeze_setup)

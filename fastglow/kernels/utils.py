@@ -64,3 +64,32 @@ def fake_or_meta(launcher, shapes):
         first = next(a for a in args if isinstance(a, torch.Tensor))
         return launcher(*args) if first.device.type == "meta" else shapes(*args)
     return fake
+
+
+def register_autograd(op, backward, setup_context) -> None:
+    """``op.register_autograd(backward, setup_context)``, and the same formula as an autograd.Function with a
+    setup_context staticmethod, which torch.func transforms (grad, vjp) need and a registered formula lacks
+    (pytorch/pytorch#168393); :func:`call` picks it inside a transform."""
+    op.register_autograd(backward, setup_context=setup_context)
+
+    def function_backward(ctx, *grads):
+        with torch.no_grad():  # the backward ops have no autograd formula of their own
+            return backward(ctx, *grads)
+
+    op.functorch_function = type(f"{op._name}_functorch", (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(function_backward)})
+
+
+def under_functorch(*tensors) -> bool:
+    """Inside a torch.func transform (one of ``tensors`` is wrapped by it); never asked while dynamo traces."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return not torch.compiler.is_compiling() and any(wrapped(t) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def call(op, *args):
+    """``op(*args)``; inside a torch.func transform, through its autograd.Function (:func:`register_autograd`)."""
+    if under_functorch(*args):
+        return op.functorch_function.apply(*args)
+    return op(*args)
