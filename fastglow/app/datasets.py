@@ -306,8 +306,8 @@ def npy_layout(path: Path, shape: tuple, dtype) -> tuple[str, tuple[int, int, in
 
 
 def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int | None):
-    """A memory-mapped .npy (only its header is read now) -> (ArrayImages, n_bits); a prepared array's
-    metadata gives the default n_bits and refuses a finer one than it was stored at."""
+    """A memory-mapped .npy (only its header is read now) -> (ArrayImages, n_bits); n_bits None: 5, or fewer
+    if the array was prepared at fewer (its metadata), a finer one than that refused."""
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
@@ -316,12 +316,12 @@ def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int
     stored = prepared_meta(path).get("n_bits", 8)
     if n_bits is not None and n_bits > stored:
         raise InputError(f"{path}: prepared at --n-bits {stored}; it cannot be trained at --n-bits {n_bits}")
+    n_bits = min(5, stored) if n_bits is None else n_bits
     if img_size is None and native[1] != native[2]:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}; pass --img-size to centre-crop them square")
     size = img_size or native[1]
     if min(native[1:]) < size:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}, smaller than --img-size {size}")
-    n_bits = stored if n_bits is None else n_bits
     return ArrayImages(path, layout, native, size, channels or native[0], 8 - n_bits, array.shape[0]), n_bits
 
 
