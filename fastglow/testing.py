@@ -180,3 +180,22 @@ def metrics_events(out, kind: str | None = None) -> list[dict]:
 
     lines = (json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines())
     return [e for e in lines if kind is None or e["event"] == kind]
+
+
+def write_lmdb(path, n: int, sizes=(8,), seed: int = 0) -> None:
+    """An LMDB in rosinality's layout (stylegan2-pytorch prepare_data.py): for each size S and image i, key
+    f"{S}-{i:05d}" -> JPEG bytes of an S x S RGB image; key "length" -> n."""
+    import io
+
+    import lmdb
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with lmdb.open(str(path), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        for i in range(n):
+            for size in sizes:
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="jpeg")
+                txn.put(f"{size}-{str(i).zfill(5)}".encode(), buffer.getvalue())
+        txn.put(b"length", str(n).encode())

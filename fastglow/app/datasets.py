@@ -139,18 +139,12 @@ class LmdbImages(ImageSet):
     def __init__(self, path: Path, n: int, size: int, channels: int, shift: int):
         super().__init__(str(path), n, channels, size, shift)
         self.path = path
-        self._env, self._pid = None, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_pid": None}
 
     def key(self, i: int) -> bytes:
         return f"{self.size}-{str(i).zfill(5)}".encode()
 
     def _get(self, key: bytes):
-        if self._pid != os.getpid():
-            self._env, self._pid = open_lmdb(self.path), os.getpid()
-        with self._env.begin(write=False) as txn:
+        with open_lmdb(self.path).begin(write=False) as txn:
             return txn.get(key)
 
     def pixels(self, i: int) -> np.ndarray:
@@ -165,8 +159,22 @@ class LmdbImages(ImageSet):
         return f"{self.path}[{self.key(i).decode()}]"
 
 
+_LMDB_ENVS: dict = {}  # (process id, path) -> environment: LMDB allows one per file and process
+_INHERITED: list = []
+
+
 def open_lmdb(path: Path):
-    """A read-only LMDB environment (no lock file: the data set is not written while training reads it)."""
+    """This process's read-only environment of the LMDB at ``path`` (opened on first use; no lock file: the
+    data set is not written while training reads it)."""
+    key = (os.getpid(), str(Path(path).resolve()))
+    if key not in _LMDB_ENVS:
+        for inherited in [k for k in _LMDB_ENVS if k[0] != key[0]]:  # a forked child neither uses nor closes
+            _INHERITED.append(_LMDB_ENVS.pop(inherited))              # its parent's (LMDB's rule for fork)
+        _LMDB_ENVS[key] = _open_lmdb(path)
+    return _LMDB_ENVS[key]
+
+
+def _open_lmdb(path: Path):
     try:
         import lmdb
     except ImportError:
@@ -327,14 +335,12 @@ def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int
 
 def open_lmdb_set(path: Path, img_size: int | None, channels: int | None, shift: int) -> LmdbImages:
     """rosinality's LMDB: its ``length`` key and the first image (for the size and mode) read now."""
-    env = open_lmdb(path)
-    with env.begin(write=False) as txn:
+    with open_lmdb(path).begin(write=False) as txn:
         length = txn.get(b"length")
     try:
         n = int(length.decode())
     except (AttributeError, ValueError):
         raise InputError(f"{path}: not a rosinality-style LMDB (no integer 'length' key)") from None
-    env.close()
     if n <= 0:
         raise InputError(f"{path}: the LMDB holds no images (length {n})")
     size = img_size or 64
