@@ -160,7 +160,6 @@ class LmdbImages(ImageSet):
 
 
 _LMDB_ENVS: dict = {}  # (process id, path) -> environment: LMDB allows one per file and process
-_INHERITED: list = []
 
 
 def open_lmdb(path: Path):
@@ -168,8 +167,8 @@ def open_lmdb(path: Path):
     data set is not written while training reads it)."""
     key = (os.getpid(), str(Path(path).resolve()))
     if key not in _LMDB_ENVS:
-        for inherited in [k for k in _LMDB_ENVS if k[0] != key[0]]:  # a forked child neither uses nor closes
-            _INHERITED.append(_LMDB_ENVS.pop(inherited))              # its parent's (LMDB's rule for fork)
+        for inherited in [k for k in _LMDB_ENVS if k[0] != key[0]]:  # a forked child never reads its parent's;
+            _LMDB_ENVS.pop(inherited).close()  # closed, or py-lmdb refuses to open the file again here
         _LMDB_ENVS[key] = _open_lmdb(path)
     return _LMDB_ENVS[key]
 
