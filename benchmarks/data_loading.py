@@ -121,25 +121,31 @@ def time_to_first_step(data: Path, out: Path) -> tuple[float, float, float]:
 
 
 def startup(args) -> None:
+    """Each data kind at each size, the sizes interleaved within every repeat (so that the load of a shared
+    machine falls on both alike); the median and the minimum over the repeats."""
     root = Path(args.root)
-    rows = []
+    sources = {}
     for n in args.sizes:
         folder = make_folder(root, n, 64, "png")
-        for kind, data in (("PNG folder", folder), (".npy (prepared)", make_npy(folder, 64)),
-                           ("LMDB", make_lmdb(root, n, 64))):
-            runs = [time_to_first_step(data, root / "run") for _ in range(args.repeats)]
-            rows.append((kind, n, *(statistics.median(r[i] for r in runs) for i in range(3))))
-            print(f"{kind} N={n}: {rows[-1][2:]}", file=sys.stderr, flush=True)
-    print("| data | images | launch to first step (s) | trainer peak RSS (MB) | loader worker peak RSS (MB) |")
+        sources.update({("PNG folder", n): folder, (".npy (prepared)", n): make_npy(folder, 64),
+                        ("LMDB", n): make_lmdb(root, n, 64)})
+    runs = {key: [] for key in sources}
+    for _ in range(args.repeats):
+        for key, data in sources.items():
+            runs[key].append(time_to_first_step(data, root / "run"))
+            print(f"{key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    print("| data | images | launch to first step, median (min) s | trainer peak RSS MB | loader worker peak RSS MB |")
     print("|---|---:|---:|---:|---:|")
-    for kind, n, seconds, rss, worker in rows:
-        print(f"| {kind} | {n} | {seconds:.2f} | {rss:.0f} | {worker:.0f} |")
+    stats = {}
+    for (kind, n), r in runs.items():
+        stats[kind, n] = [statistics.median(x[i] for x in r) for i in range(3)] + [min(x[0] for x in r)]
+        seconds, rss, worker, fastest = stats[kind, n]
+        print(f"| {kind} | {n} | {seconds:.2f} ({fastest:.2f}) | {rss:.0f} | {worker:.0f} |")
     small, large = args.sizes[0], args.sizes[-1]
-    for kind in dict.fromkeys(r[0] for r in rows):
-        a = next(r for r in rows if r[0] == kind and r[1] == small)
-        b = next(r for r in rows if r[0] == kind and r[1] == large)
-        print(f"\n{kind}: {large} / {small} images: time x{b[2] / a[2]:.2f}, trainer RSS x{b[3] / a[3]:.2f}, "
-              f"worker RSS x{b[4] / a[4]:.2f}", end="")
+    for kind in dict.fromkeys(k for k, _ in runs):
+        a, b = stats[kind, small], stats[kind, large]
+        print(f"\n{kind}, {large} / {small} images: time x{b[0] / a[0]:.2f} (min x{b[3] / a[3]:.2f}), trainer RSS "
+              f"x{b[1] / a[1]:.2f}, worker RSS x{b[2] / a[2]:.2f}", end="")
     print()
 
 
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     s = sub.add_parser("startup")
     s.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=5)
     t = sub.add_parser("throughput")
     t.add_argument("--images", type=int, default=512)
     t.add_argument("--workers", type=int, default=2)
