@@ -90,7 +90,7 @@ class TensorImages(ImageSet):
 class FolderImages(ImageSet):
     """Image files (sorted paths), each decoded, resized and centre-cropped when read."""
 
-    def __init__(self, files: list[Path], size: int, channels: int, shift: int, name: str):
+    def __init__(self, files: list[str], size: int, channels: int, shift: int, name: str):
         super().__init__(name, len(files), channels, size, shift)
         self.files = files
 
@@ -268,7 +268,7 @@ def prepared_meta(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Opening (start-up work is flat in the data set's size: a listing, a header sample, a memory map)
+# Opening (start-up work is flat in the data set's size: a listing, a header sample, an array header)
 # ----------------------------------------------------------------------------------------------
 def header_sample(n: int) -> list[int]:
     """Up to HEADER_SAMPLE indices spread evenly over range(n) (all of them when n is small)."""
@@ -281,9 +281,9 @@ def open_folder(root: Path, img_size: int, channels: int | None, shift: int) -> 
     the rest when read; ``channels`` None: 1 if every sampled image is grey, else 3."""
     from PIL import Image
 
-    from .data import GREY_MODES, IMAGE_EXTENSIONS, image_files
+    from .data import GREY_MODES, IMAGE_EXTENSIONS, image_paths
 
-    files = image_files(root)
+    files = image_paths(root)
     if not files:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     modes = []
@@ -320,7 +320,7 @@ def npy_layout(path: Path, shape: tuple, dtype) -> tuple[str, tuple[int, int, in
 
 
 def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int | None):
-    """A memory-mapped .npy (only its header is read now) -> (ArrayImages, n_bits); n_bits None: 5, or fewer
+    """An .npy (only its header is read now) -> (ArrayImages, n_bits); n_bits None: 5, or fewer
     if the array was prepared at fewer (its metadata), a finer one than that refused."""
     try:
         array = np.load(path, mmap_mode="r")  # reads the header only
