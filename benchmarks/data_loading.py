@@ -9,9 +9,9 @@ on each (tiny model, one loader worker) is launched and timed from the launch to
 metrics.jsonl (--log-every 1), when the peak RSS (VmHWM) of the trainer and of its loader worker are read from
 /proc and the process is killed. Median over the repeats. Generated data stays under --root (not committed).
 
-throughput: a folder of 256x256 JPEGs (smooth random content, quality 90) and the same prepared into an .npy;
-images/s delivered by the training DataLoader (the run's own sampler, batch 16) with 0 and --workers workers,
-after one warm-up batch.
+throughput: folders of 256x256 and of 1024x1024 JPEGs (the size of CelebA-HQ's originals; smooth random
+content, quality 90) and the 256 one prepared into an .npy; images/s at 256x256 delivered by the training
+DataLoader (the run's own sampler, batch 16) with 0 and --workers workers, after one warm-up batch.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ TRAIN_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "1
 
 
 def smooth_images(n: int, size: int, seed: int):
-    """``n`` RGB images (size x size) of upscaled 8x8 noise: photo-like file sizes, cheap to generate."""
+    """``n`` RGB images (size x size) of noise at 1/8 of the size, upscaled bicubically: smooth, with detail
+    at every scale down to 8 pixels (photo-like JPEG sizes), cheap to generate."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        small = Image.fromarray(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8))
         yield small.resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -172,10 +173,12 @@ def loader_rate(data: Path, workers: int, batches: int) -> float:
 
 def throughput(args) -> None:
     folder = make_folder(Path(args.root), args.images, 256, "jpg")
-    npy = make_npy(folder, 256)
-    print("| source (256x256, batch 16) | loader workers | images/s |")
+    large = make_folder(Path(args.root), args.images, 1024, "jpg")
+    sources = (("256x256 JPEG folder", folder), ("1024x1024 JPEG folder, resized to 256", large),
+               (".npy prepared from the 256x256 folder", make_npy(folder, 256)))
+    print("| source (training at 256x256, batch 16) | loader workers | images/s |")
     print("|---|---:|---:|")
-    for kind, data in (("JPEG folder", folder), (".npy (prepared)", npy)):
+    for kind, data in sources:
         for workers in (0, args.workers):
             print(f"| {kind} | {workers} | {loader_rate(data, workers, args.batches):.0f} |", flush=True)
 

@@ -122,12 +122,16 @@ def image_paths(root: Path) -> list[str]:
 
 def read_image(path, img_size: int, channels: int, name=None) -> np.ndarray:
     """One image (a file, or a file object named ``name``) -> uint8 (channels, img_size, img_size): shorter side
-    resized, centre-cropped."""
+    resized, centre-cropped. A JPEG at least twice as large is decoded at a reduced scale (1/2, 1/4 or 1/8, in
+    the DCT) no smaller than twice the target, then resized (Pillow's thumbnail with reducing_gap=2): a
+    1024x1024 JPEG trained at 256 decodes to 512x512 at a quarter of the cost."""
     from PIL import Image
 
     name = path if name is None else name
     try:
         with Image.open(path) as im:
+            if im.format == "JPEG" and min(im.size) >= 2 * img_size:
+                im.draft(None, (2 * img_size, 2 * img_size))
             im.load()
             if min(im.size) < img_size:
                 raise InputError(f"{name}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
