@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastglow {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastglow {args.command}: interrupted" + (" (continue with --resume)" if args.command == "train"
-                                                          else ""), file=sys.stderr)
+        hint = {"train": " (continue with --resume)", "prepare": " (the same command resumes)"}
+        print(f"fastglow {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -217,7 +217,7 @@ def train_step(state: RunState) -> tuple[float, float]:
     else:
         _skip_step(state, train_bpd, grad_norm)
     if n_bad and (why := state.data.record_bad(bad, state.step, state.log)):
-        _diverge(state, why, hint="fix or remove them, then --resume (or raise --max-bad-images)")
+        _diverge(state, why, hint="repair them, then --resume (or resume with a higher --max-bad-images)")
     state.elapsed = time.perf_counter() - state.started
     return lr, grad_norm
 
