@@ -132,7 +132,7 @@ class ArrayImages(ImageSet):
         from .data import convert_channels, refit
 
         a = self.raw(i)
-        a = {"NCHW": a, "NHWC": a.transpose(2, 0, 1), "NHW": a[None]}[self.layout]
+        a = a.transpose(2, 0, 1) if self.layout == "NHWC" else a[None] if self.layout == "NHW" else a
         if a.shape[0] != self.channels:
             a = convert_channels(a[None], self.channels)[0]
         if a.shape[1:] != (self.size, self.size):
