@@ -53,12 +53,20 @@ class ChannelPermutation(nn.Module):
 
     def __init__(self, perm: torch.Tensor):
         super().__init__()
-        perm = perm.to(torch.int64)
-        channels = perm.numel()
-        if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(channels)):
+        if not _is_permutation(perm):
             raise ValueError("perm must be a permutation of 0..C-1")
-        self.register_buffer("perm", perm.clone())
-        self.register_buffer("_eye", torch.eye(channels), persistent=False)
+        self.register_buffer("perm", perm.to(torch.int64).clone())
+        self.register_buffer("_eye", torch.eye(perm.numel()), persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """A loaded ``perm`` must be a permutation of 0..C-1 (else the step would not be invertible)."""
+        perm = state_dict.get(prefix + "perm")
+        if isinstance(perm, torch.Tensor) and perm.shape == self.perm.shape and not _is_permutation(perm):
+            error_msgs.append(f"{prefix}perm is not a permutation of 0..{self.perm.numel() - 1}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def calc_weight(self) -> torch.Tensor:
         """P (C, C), P[i, perm[i]] = 1: a row selection of the identity, exact in every dtype."""
@@ -73,6 +81,13 @@ class ChannelPermutation(nn.Module):
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         """x[:, perm[i]] = y[:, i], i.e. x = y[:, argsort(perm)] (P^-1 = P^T)."""
         return y[:, torch.argsort(self.perm)]
+
+
+def _is_permutation(perm: torch.Tensor) -> bool:
+    """perm is a 1-d integer tensor holding each of 0..numel-1 once."""
+    if perm.dim() != 1 or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
+        return False
+    return torch.equal(torch.sort(perm.cpu()).values.to(torch.int64), torch.arange(perm.numel()))
 
 
 def permutation_weights(perms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

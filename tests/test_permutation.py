@@ -207,3 +207,8 @@ def test_state_dict_round_trip(permutation):
     if permutation != "conv":
         with pytest.raises(RuntimeError, match="invconv"):
             fastglow.Glow(1, 2, 2, hidden_channels=4).load_state_dict(model.state_dict())
+        broken = {**model.state_dict(), "blocks.1.flows.0.invconv.perm": torch.tensor([0, 1, 2, 3, 4, 5, 6, 6])}
+        with pytest.raises(RuntimeError, match=r"blocks.1.flows.0.invconv.perm is not a permutation of 0..7"):
+            other.load_state_dict(broken)
+        with pytest.raises(ValueError, match="perm must be a permutation"):
+            ChannelPermutation(torch.tensor([0.0, 1.0]))
