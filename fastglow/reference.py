@@ -370,7 +370,8 @@ class Block(nn.Module):
 class Glow(ClassConditional, nn.Module):
     """Multi-scale Glow: ``forward(x) -> (log_p [B], logdet [B], z_outs)``; ``reverse(z_list, reconstruct)``.
 
-    As in rosinality/glow-pytorch, the last level always uses the LU 1x1 conv, whatever ``conv_lu`` says.
+    As in rosinality/glow-pytorch, the last level always uses the LU 1x1 conv (permutation "conv"), whatever
+    ``conv_lu`` says.
     ``n_classes=N`` builds the class-conditional model (:class:`fastglow.conditional.ClassConditional`):
     ``forward(x, y)``, ``reverse(z_list, reconstruct, y)``, ``class_prior`` and ``classifier`` modules;
     ``None`` keeps rosinality's module tree exactly. ``permutation`` ("conv", "shuffle" or "reverse", see
