@@ -262,7 +262,7 @@ def restore_rng(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Models from checkpoints (sample / eval / interpolate)
 # ----------------------------------------------------------------------------------------------
-SHAPE_KEYS = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu")
+SHAPE_KEYS = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation")
 
 
 def infer_shape(state_dict: dict, path) -> dict:
@@ -276,10 +276,24 @@ def infer_shape(state_dict: dict, path) -> dict:
     except (KeyError, ValueError, IndexError, AttributeError):
         raise CheckpointError(f"{path}: not a Glow state_dict (rosinality's keys blocks.<i>.flows.<k>... "
                               "are missing)") from None
+    permutation = _permutation(state_dict)
     return {"in_channel": squeezed // 4, "n_flow": n_flow, "n_block": n_block, "hidden": net0.shape[0],
-            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path),
-            # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter)
-            "conv_lu": "blocks.0.flows.0.invconv.w_p" in state_dict if n_block > 1 else None}
+            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path), "permutation": permutation,
+            # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter);
+            # nor for fixed permutations, which have no 1x1 conv
+            "conv_lu": ("blocks.0.flows.0.invconv.w_p" in state_dict
+                        if n_block > 1 and permutation == "conv" else None)}
+
+
+def _permutation(state_dict: dict) -> str:
+    """"conv" (no ``invconv.perm`` buffers), "reverse" (every one reverses the channels), else "shuffle". A
+    shuffle that happens to reverse every step reads as "reverse": the same maths, the buffers load either way."""
+    perms = [v for k, v in state_dict.items() if k.endswith(".invconv.perm")]
+    if not perms:
+        return "conv"
+    reversed_ = all(isinstance(p, torch.Tensor) and torch.equal(p.cpu(), torch.arange(p.numel() - 1, -1, -1))
+                    for p in perms)
+    return "reverse" if reversed_ else "shuffle"
 
 
 def _n_classes(state_dict: dict, path) -> int | None:
@@ -329,7 +343,7 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     shape["conv_lu"] = shape["conv_lu"] is not False
     model = Glow(shape["in_channel"], shape["n_flow"], shape["n_block"], affine=shape["affine"],
                  conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False,
-                 n_classes=shape["n_classes"])
+                 n_classes=shape["n_classes"], permutation=shape["permutation"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -15,6 +15,7 @@ import sys
 import torch
 
 from .. import __version__, z_shapes
+from ..permutation import PERMUTATIONS
 from . import flags
 from .errors import InputError, TrainingError
 
@@ -55,6 +56,9 @@ def _add_shape_flags(p, defaults=None) -> None:
                           help="additive coupling (rosinality's train.py default)")
     g.add_argument("--no-lu", dest="conv_lu", action="store_const", const=False,
                    help="plain 1x1 conv weights instead of the LU parameterisation")
+    g.add_argument("--permutation", choices=PERMUTATIONS,
+                   help="what mixes the channels between couplings: conv (Glow's learned 1x1 conv), shuffle (a "
+                        "fixed random permutation, RealNVP) or reverse (NICE)" + d("permutation"))
 
 
 def _add_execution_flags(p):
@@ -218,7 +222,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _model_flags(args) -> dict:
-    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "img_size", "n_bits")
+    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation", "img_size", "n_bits")
     return {k: getattr(args, k, None) for k in keys}
 
 
