@@ -25,7 +25,7 @@ def _add_data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'digits' (scikit-learn's 8x8 digits, 17 levels; the default for train), "
                                   "a folder of images, an LMDB folder (rosinality's layout), or an .npy "
-                                  "(memory-mapped; see fastglow prepare) or .npz of uint8 images")
+                                  "(read image by image; see fastglow prepare) or .npz of uint8 images")
     g.add_argument("--img-size", type=flags.positive_int, help="resize the shorter side to this and centre-crop "
                                                           "(folders: 64; .npz: native size)")
     g.add_argument("--channels", type=flags.channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
@@ -387,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastglow {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastglow {args.command}: interrupted" + (" (continue with --resume)" if args.command == "train"
-                                                          else ""), file=sys.stderr)
+        hint = {"train": " (continue with --resume)", "prepare": " (the same command resumes)"}
+        print(f"fastglow {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
 
 
