@@ -53,7 +53,7 @@ def test_item1_a_run_without_checkpoints_is_not_restarted_silently(tmp_path):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n{"event": "train", "step": 10}\n')
     before = folder_state(out)
-    run = run_cli("train", "--out", out, *TINY_FLAGS, "--steps", "2", "--resume")
+    run = run_cli("train", "--out", out, *TINY_FLAGS, "--steps", "2")  # with --resume: issue 23, item 1
     assert_one_line_error(run, "metrics.jsonl", "--new-run")
     assert folder_state(out) == before
 

@@ -115,7 +115,7 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     if found:
         _restore(state, *found)
     else:
-        _initialise(state, resume)
+        _initialise(state)
     state.net = wrap_model(state.model, dist)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     n_sample = cfg.n_sample
@@ -174,10 +174,8 @@ def _restore(state: RunState, path: str, ckpt: dict) -> None:
         print(f"resuming from {path} (step {state.step})", file=sys.stderr)
 
 
-def _initialise(state: RunState, resume: bool) -> None:
+def _initialise(state: RunState) -> None:
     """A new run: ActNorm's data-dependent init on the whole first global batch, a fresh metrics log."""
-    if resume and state.dist.main:
-        print(f"no checkpoint in {state.out}: starting a new run", file=sys.stderr)
     state.run_id = broadcast_object(uuid.uuid4().hex, state.dist)
     x, y = state.next_global_batch()
     with torch.no_grad():
