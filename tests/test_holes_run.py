@@ -43,3 +43,27 @@ def test_item1_resume_of_a_run_stopped_before_its_first_checkpoint_starts_afresh
     (aside,) = out.glob("earlier-run-*")
     assert folder_state(aside) == before  # the interrupted run's log, byte for byte
     assert [e["step"] for e in _events(out) if e["event"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    train(dict(TINY, out=str(out), steps=3))
+    ckpt = ckpt_io.list_checkpoints(out)[0][1]
+    bare = out / "bare.pt"
+    import torch
+    torch.save(ckpt_io.load_training_checkpoint(ckpt)["model"], bare)  # rosinality-style: weights only
+    return out, ckpt, bare
+
+
+def test_item2_a_bare_state_dict_takes_the_data_sets_bin_count(digits_run, tmp_path):
+    out, ckpt, bare = digits_run
+    full, weights = (run_cli("eval", "--ckpt", path, "--data", "digits", "--split", "all") for path in (ckpt, bare))
+    assert full.returncode == weights.returncode == 0, (full.stderr, weights.stderr)
+    assert full.stdout.split()[2] == weights.stdout.split()[2]  # bits/dim of the same weights, same 17 levels
+    grids = [tmp_path / "full.png", tmp_path / "bare.png"]
+    for path, grid in zip((ckpt, bare), grids):
+        assert run_cli("sample", "--ckpt", path, "--data", "digits", "--n", "4", "--out", grid).returncode == 0
+    assert grids[0].read_bytes() == grids[1].read_bytes()  # pixels mapped with the same 17 levels
+    run = run_cli("eval", "--ckpt", bare, "--data", "digits", "--n-bits", "5")
+    assert_one_line_error(run, "--n-bits", "17 levels")

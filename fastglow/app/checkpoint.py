@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from .. import Glow
+from .data import DIGITS_LEVELS
 from .errors import CheckpointError, InputError, one_line
 
 FORMAT = "fastglow-checkpoint"
@@ -300,13 +301,13 @@ def _flag(key: str, value) -> str:
     return f"--{key.replace('_', '-')} {value}"
 
 
-def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", default_img_size: int = 64):
+def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto"):
     """A Glow from a fastglow checkpoint or a bare (rosinality) state_dict -> (model in eval mode, info).
 
     ``flags`` holds the model-shape flags the user gave (None when not given): they must agree with the
-    checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
-    n_bins (from the config, or 2**n_bits, default 5 bits), the run's config (None for a bare state_dict), the
-    model's shape and, class-conditional models, ``class_names`` (from the config, else None).
+    checkpoint. info: img_size and n_bins (from the run's config, else :func:`bare_image_format`), the run's
+    config (None for a bare state_dict), the model's shape and, class-conditional models, ``class_names``
+    (from the config, else None).
     """
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
@@ -323,9 +324,11 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
         if flags.get("img_size") not in (None, img_size):
             raise CheckpointError(f"{path}: the model was trained at --img-size {img_size}, "
                                   f"not {flags['img_size']}")
+        if flags.get("data") == "digits" and n_bins != DIGITS_LEVELS:
+            raise InputError(f"{path}: the model was trained on {n_bins} levels per channel, the digits have "
+                             f"{DIGITS_LEVELS}")
     else:
-        img_size = flags.get("img_size") or default_img_size
-        n_bins = 2 ** (flags.get("n_bits") or 5)
+        img_size, n_bins = bare_image_format(flags)
     shape["conv_lu"] = shape["conv_lu"] is not False
     model = Glow(shape["in_channel"], shape["n_flow"], shape["n_block"], affine=shape["affine"],
                  conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False,
@@ -340,6 +343,16 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
     class_names = (config or {}).get("class_names") if shape["n_classes"] else None
     return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config,
                                      "class_names": class_names, **shape}
+
+
+def bare_image_format(flags: dict) -> tuple[int, int]:
+    """What a bare state_dict cannot tell, -> (img_size, n_bins): from the flags, else from the data set named by
+    ``flags["data"]`` (the digits: 8 and their 17 levels), else 64 and 2**5 (rosinality's defaults)."""
+    if flags.get("data") == "digits":
+        if flags.get("n_bits") is not None:
+            raise InputError("--n-bits applies to 8-bit images; the digits have 17 levels of their own")
+        return flags.get("img_size") or 8, DIGITS_LEVELS
+    return flags.get("img_size") or 64, 2 ** (flags.get("n_bits") or 5)
 
 
 def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_key: str | None):
@@ -360,7 +373,7 @@ def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_
     n_bits = n_bits if n_bits is not None else config.get("n_bits")
     levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
                                   None if data == "digits" else info["in_channel"], n_bits, npz_key)
-    if n_bins != info["n_bins"] and config:
+    if n_bins != info["n_bins"]:
         raise InputError(f"{data}: has {n_bins} levels per channel, the model was trained on {info['n_bins']}")
     if not info["n_classes"]:
         return data, levels, None

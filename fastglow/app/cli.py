@@ -31,11 +31,14 @@ def _add_data_flags(p):
     return g
 
 
-def _add_image_output_flags(p) -> None:
+def _add_image_output_flags(p, data: bool = True) -> None:
     """Flags of the commands that write images: zoom, and what a bare state_dict cannot tell."""
     p.add_argument("--zoom", type=flags.positive_int, default=1, help="upscale each image by this factor")
     p.add_argument("--img-size", type=flags.positive_int, help="bare state_dicts: image size (default 64)")
     p.add_argument("--n-bits", type=flags.n_bits, help="bare state_dicts: bits per channel (default 5)")
+    if data:
+        p.add_argument("--data", help="bare state_dicts: the data set the model was trained on ('digits': 8x8, "
+                                      "17 levels); with a checkpoint, it must agree")
 
 
 def _add_shape_flags(p, defaults=None) -> None:
@@ -183,7 +186,7 @@ def _add_morph_command(sub) -> None:
     m.add_argument("--data", help="the data set (default: the run's own); class means come from its training split")
     m.add_argument("--npz-key", help="the .npz array to read (as for train)")
     m.add_argument("--batch", type=flags.positive_int, default=256)
-    _add_image_output_flags(m)
+    _add_image_output_flags(m, data=False)
     _add_shape_flags(m)
     _add_execution_flags(m)
     m.set_defaults(run=_morph)
@@ -211,15 +214,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _model_flags(args) -> dict:
-    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "img_size", "n_bits")
+    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "img_size", "n_bits", "data")
     return {k: getattr(args, k, None) for k in keys}
 
 
-def _load(args, default_img_size: int = 64):
+def _load(args):
     from .checkpoint import load_model
     from .distributed import pick_backend, pick_device
     device = pick_device(args.device)
-    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device), default_img_size)
+    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device))
 
 
 def _decode(model, z_list, args, y=None, reconstruct: bool = False):
@@ -279,7 +282,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .distributed import Dist
     from .loop import evaluate
 
-    model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
+    model, info = _load(args)
     config = info["config"] or {}
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
     own_data = bool(config) and _same_data(data, config.get("data"))
@@ -331,7 +334,7 @@ def _morph(args: argparse.Namespace) -> int:
 
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
-    model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
+    model, info = _load(args)
     if info["n_classes"] is None:
         raise InputError(f"{args.ckpt}: the model is unconditional; morph needs a checkpoint trained with "
                          "--conditional")
