@@ -67,3 +67,53 @@ def test_item2_a_bare_state_dict_takes_the_data_sets_bin_count(digits_run, tmp_p
     assert grids[0].read_bytes() == grids[1].read_bytes()  # pixels mapped with the same 17 levels
     run = run_cli("eval", "--ckpt", bare, "--data", "digits", "--n-bits", "5")
     assert_one_line_error(run, "--n-bits", "17 levels")
+
+
+def _grey_folder(root, n, size=8, seed=0, mode="L"):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        shape = (size, size) if mode == "L" else (size, size, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / f"img_{i:03d}.png")
+    return root
+
+
+FOLDER_FLAGS = ["--img-size", "8", "--n-flow", "1", "--n-block", "2", "--hidden", "4", "--batch", "4",
+                "--no-progress", "--eval-every", "0", "--test-fraction", "0.1"]
+
+
+def test_item3_eval_keeps_the_held_out_images_of_the_run_when_the_folder_changes(tmp_path):
+    data, out = _grey_folder(tmp_path / "data", 30), tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), *FOLDER_FLAGS, "--steps", "2"]) == 0
+    ckpt = ckpt_io.list_checkpoints(out)[0][1]
+    held_out = ckpt_io.load_training_checkpoint(ckpt)["dataset"]["test"]
+    assert len(held_out) == 3 and all(name.startswith("img_") for name in held_out)
+    before = run_cli("eval", "--ckpt", ckpt)
+    assert before.returncode == 0 and "test bits/dim" in before.stdout and "on 3 images" in before.stdout
+    assert before.stderr == ""
+
+    _grey_folder(tmp_path / "more", 1, seed=7)
+    (tmp_path / "more" / "img_000.png").rename(data / "img_0005.png")  # sorts among the first ones
+    after = run_cli("eval", "--ckpt", ckpt)
+    assert after.returncode == 0 and after.stdout == before.stdout  # the same 3 images, the same number
+    warning = after.stderr.strip()
+    assert len(warning.splitlines()) == 1 and "changed since training" in warning and "31 images" in warning
+
+    inside = run_cli("train", "--data", data, "--out", data / "runs", *FOLDER_FLAGS, "--steps", "2")
+    assert_one_line_error(inside, "inside --data")
+    assert not (data / "runs").exists()
+
+
+def test_item4_resume_on_other_data_of_the_same_size_is_refused(tmp_path):
+    data, out = _grey_folder(tmp_path / "data", 20), tmp_path / "run"
+    assert main(["train", "--data", str(data), "--out", str(out), *FOLDER_FLAGS, "--steps", "2"]) == 0
+    before = folder_state(out)
+    for path in data.iterdir():
+        path.unlink()
+    _grey_folder(data, 20, size=16, seed=1, mode="RGB")  # same names and count: RGB 16x16 instead of grey 8x8
+    run = run_cli("train", "--data", data, "--out", out, *FOLDER_FLAGS, "--steps", "4", "--resume")
+    assert_one_line_error(run, "data set changed", "step_00000002.pt")
+    assert folder_state(out) == before

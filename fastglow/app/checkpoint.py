@@ -7,6 +7,7 @@ A training checkpoint is a dict readable with ``torch.load(f, weights_only=True)
     model    Glow.state_dict() with rosinality's keys (no "module." prefix): rosinality's code can
              ``model.load_state_dict(ckpt["model"])``
     optimizer, step, elapsed (training seconds so far), config (the run's TrainConfig as a dict)
+    dataset  the held-out images' keys and the data's fingerprint (:mod:`fastglow.app.fingerprint`)
     rng      torch CPU, CUDA (all devices), numpy, python ``random`` and the data-order generator
     data     the data-order stream (current permutation and position)
 
@@ -342,7 +343,7 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto"):
                               f"{2 ** shape['n_block']}")
     class_names = (config or {}).get("class_names") if shape["n_classes"] else None
     return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config,
-                                     "class_names": class_names, **shape}
+                                     "class_names": class_names, "dataset": ckpt.get("dataset"), **shape}
 
 
 def bare_image_format(flags: dict) -> tuple[int, int]:
@@ -390,16 +391,18 @@ def _some(names: list[str]) -> str:
     return str(names) if len(names) <= 12 else f"{names[:10]} ... ({len(names)} classes)"
 
 
-def run_split(levels, labels, split: str, data: str, config: dict):
-    """A run's "train" or "test" split (test fraction and seed from its ``config``), or "all" ->
-    (levels, labels); ``labels`` None stays None."""
-    from .classes import split_labels
-    from .data import split_dataset
+def run_split(levels, labels, data: str, info: dict):
+    """A loaded checkpoint's (``info`` from :func:`load_model`) split of ``data`` -> ((train levels, labels),
+    (test levels, labels)); ``labels`` None stays None. On the run's own data the held-out images are the ones
+    it recorded (:func:`fastglow.app.fingerprint.recorded_split`; a warning line if the data changed since),
+    else those of its test fraction and seed."""
+    from .fingerprint import recorded_split, same_source
 
-    if split == "all":
-        return levels, labels
-    fraction = config.get("test_fraction") or (0.2 if data == "digits" else 0.1)
-    seed = config.get("split_seed", 0)
-    train_set, test_set = split_dataset(levels, fraction, torch.Generator().manual_seed(seed))
-    train_labels, test_labels = split_labels(labels, fraction, seed)
-    return (test_set, test_labels) if split == "test" else (train_set, train_labels)
+    config = info["config"] or {}
+    saved = info.get("dataset") if same_source(data, config.get("data")) else None
+    train, test, warning = recorded_split(data, levels, info["n_bins"], config, saved)
+    if warning:
+        print(f"fastglow: warning: {warning}", file=sys.stderr)
+    if test.numel() == 0:
+        raise InputError(f"{data}: none of the run's held-out images is there any more; pass --split all")
+    return tuple((levels[idx], None if labels is None else labels[idx]) for idx in (train, test))

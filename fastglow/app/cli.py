@@ -280,14 +280,15 @@ def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_data, run_split
     from .classes import classification_accuracy
     from .distributed import Dist
+    from .fingerprint import same_source
     from .loop import evaluate
 
     model, info = _load(args)
     config = info["config"] or {}
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
-    own_data = bool(config) and _same_data(data, config.get("data"))
-    split = args.split or ("test" if own_data else "all")
-    levels, labels = run_split(levels, labels, split, data, config)
+    split = args.split or ("test" if same_source(data, config.get("data")) else "all")
+    if split != "all":
+        levels, labels = run_split(levels, labels, data, info)[split == "test"]
     device = next(model.parameters()).device
     bpd = evaluate(model, levels, info["n_bins"], args.batch, args.seed, Dist(0, 1, device), labels)
     if not math.isfinite(bpd):
@@ -299,13 +300,6 @@ def _eval(args: argparse.Namespace) -> int:
         accuracy = f" given their classes, classification accuracy {correct:.4f}"
     print(f"{split} bits/dim {bpd:.4f} on {levels.shape[0]} images of {data}{accuracy}")
     return 0
-
-
-def _same_data(a: str, b: str | None) -> bool:
-    from pathlib import Path
-    if b is None:
-        return False
-    return a == b if "digits" in (a, b) else Path(a).resolve() == Path(b).resolve()
 
 
 def _interpolate(args: argparse.Namespace) -> int:
@@ -341,8 +335,7 @@ def _morph(args: argparse.Namespace) -> int:
     a, b = (resolve_class(text, info["class_names"], info["n_classes"], flag)
             for text, flag in ((args.class_from, "--from"), (args.class_to, "--to")))
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
-    train_set, train_labels = run_split(levels, labels, "train", data, info["config"] or {})
-    test_set, test_labels = run_split(levels, labels, "test", data, info["config"] or {})
+    (train_set, train_labels), (test_set, test_labels) = run_split(levels, labels, data, info)
     held_out = test_set[test_labels == a]
     if args.index >= held_out.shape[0]:
         raise InputError(f"--index {args.index}: the held-out split has {held_out.shape[0]} images of class "

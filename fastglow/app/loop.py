@@ -39,7 +39,7 @@ import torch
 
 from .. import CudaGraphStep, Glow, z_shapes
 from . import checkpoint as ckpt_io
-from . import guard, runfolder
+from . import fingerprint, guard, runfolder
 from .config import TrainConfig, resolve_config
 from .classes import class_grid_labels, classification_accuracy, split_labels
 from .data import ShuffledBatches, dequantize, load_labels, load_split, save_image_grid
@@ -67,6 +67,7 @@ class RunState:
     log: ckpt_io.MetricsLog
     net: torch.nn.Module | None = None  # the model, in DistributedDataParallel under torchrun
     z_sample: list[torch.Tensor] = dataclasses.field(default_factory=list)  # latents of every sample grid
+    dataset: dict = dataclasses.field(default_factory=dict)  # held-out keys, fingerprint (app/fingerprint.py)
     train_labels: torch.Tensor | None = None  # int64 class ids (class-conditional runs)
     test_labels: torch.Tensor | None = None
     y_sample: torch.Tensor | None = None  # classes of the sample grid's images: one row per class
@@ -104,6 +105,7 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     (see :mod:`fastglow.app.runfolder`); rank 0 takes ``lock`` on the folder first."""
     out = Path(options.get("out") or TrainConfig.out)
     options["out"] = str(out)
+    fingerprint.check_out_outside_data(out, options.get("data"))
     found = runfolder.find_checkpoint(out, resume, new_run, lock, dist)
     cfg = resolve_config(options, found[1]["config"] if found else None, found[0] if found else "")
     cfg.backend = pick_backend(cfg.backend, dist.device)
@@ -153,12 +155,14 @@ def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     log = ckpt_io.MetricsLog(Path(cfg.out) / "metrics.jsonl", dist.main)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log,
+    dataset = fingerprint.record(cfg.data, train_set, test_set, cfg.n_bins, cfg.test_fraction, cfg.split_seed)
+    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log, dataset=dataset,
                     train_labels=train_labels, test_labels=test_labels)
 
 
 def _restore(state: RunState, path: str, ckpt: dict) -> None:
     """Load a training checkpoint into ``state``: weights, optimizer, data order, every RNG, counters."""
+    fingerprint.check_resume(ckpt.get("dataset"), state.dataset, state.cfg.data, path)
     try:
         state.model.load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -320,7 +324,7 @@ def _write_checkpoint(state: RunState, tensors: dict, extra: dict) -> None:
     if not state.dist.main:
         return
     payload = {**tensors, **{k: v for k, v in extra.items() if k != "step"},
-               "config": dataclasses.asdict(state.cfg), "run_id": state.run_id}
+               "config": dataclasses.asdict(state.cfg), "run_id": state.run_id, "dataset": state.dataset}
     state.checkpoint = str(ckpt_io.save_checkpoint(state.out, extra["step"], payload, state.cfg.keep))
     state.log.write(event="checkpoint", step=extra["step"], path=state.checkpoint)
 
