@@ -17,6 +17,7 @@ import torch
 from .. import __version__, z_shapes
 from . import flags
 from .errors import InputError, TrainingError
+from .limits import DECODE_BATCH, check_grid
 
 
 def _add_data_flags(p):
@@ -77,7 +78,7 @@ def _add_train_command(sub) -> None:
                                    "is the global batch.")
     g = _add_data_flags(t)
     g.add_argument("--test-fraction", type=flags.open_fraction, help="held-out share (digits 0.2, else 0.1)")
-    g.add_argument("--split-seed", type=int, help="seed of the train/held-out split (default 0)")
+    g.add_argument("--split-seed", type=flags.seed, help="seed of the train/held-out split (default 0)")
     _add_shape_flags(t, defaults=C)
     c = t.add_argument_group("classes")
     c.add_argument("--conditional", action="store_const", const=True,
@@ -90,7 +91,7 @@ def _add_train_command(sub) -> None:
                    help="constant-memory backprop (the default)")
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
-    g.add_argument("--threads", type=flags.positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=flags.threads, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
                    help="replay each step's forward and backward from a CUDA graph captured at the first step "
                         "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
@@ -102,11 +103,11 @@ def _add_train_command(sub) -> None:
                    help="decay the lr linearly to 0 over the last this many steps (default: half of --steps; "
                         "0: constant, as rosinality)")
     o.add_argument("--steps", type=flags.positive_int, help=f"total training steps (default {C.steps})")
-    o.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")
+    o.add_argument("--seed", type=flags.seed, help="seed of the weights, data order and noise (default 0)")
     o.add_argument("--max-bad-steps", type=flags.positive_int,
                    help=f"stop after this many consecutive non-finite losses (default {C.max_bad_steps})")
     r = t.add_argument_group("run")
-    r.add_argument("--out", help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
+    r.add_argument("--out", type=flags.run_folder, help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
     start = r.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     start.add_argument("--new-run", action="store_true",
@@ -141,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-conditional checkpoints: the class (id or name) of every sample, or 'all' for one "
                         "row per class (default: each sample's class drawn uniformly)")
     s.add_argument("--temperature", type=flags.temperature, default=0.7, help="latent temperature (default 0.7)")
-    s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=flags.png_file, default="samples.png", help="PNG to write (default samples.png)")
+    s.add_argument("--seed", type=flags.seed, default=0, help="seed of the latents (default 0)")
     s.add_argument("--nrow", type=flags.positive_int, help="images per row (default: a square grid)")
     _add_image_output_flags(s)
     _add_shape_flags(s)
@@ -155,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("test", "train", "all"),
                    help="test: the run's held-out split (default for the run's own data); all: every image")
     e.add_argument("--batch", type=flags.positive_int, default=256)
-    e.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    e.add_argument("--seed", type=flags.seed, default=0, help="seed of the dequantisation noise")
     _add_shape_flags(e)
     _add_execution_flags(e)
     e.set_defaults(run=_eval)
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
     i.add_argument("images", nargs=2, metavar="IMAGE", help="the two end points")
     i.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
-    i.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
+    i.add_argument("--out", type=flags.png_file, default="interpolation.png", help="PNG to write (default interpolation.png)")
     _add_image_output_flags(i)
     _add_shape_flags(i)
     _add_execution_flags(i)
@@ -182,7 +183,7 @@ def _add_morph_command(sub) -> None:
     m.add_argument("--index", type=flags.non_negative_int, default=0,
                    help="which held-out image of class --from (default 0, the first)")
     m.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
-    m.add_argument("--out", default="morph.png", help="PNG to write (default morph.png)")
+    m.add_argument("--out", type=flags.png_file, default="morph.png", help="PNG to write (default morph.png)")
     m.add_argument("--data", help="the data set (default: the run's own); class means come from its training split")
     m.add_argument("--npz-key", help="the .npz array to read (as for train)")
     m.add_argument("--batch", type=flags.positive_int, default=256)
@@ -229,7 +230,7 @@ def _decode(model, z_list, args, y=None, reconstruct: bool = False):
     """Latents (and classes y) -> images, or an InputError naming the checkpoint when its weights do not decode."""
     from .guard import decode
 
-    images, why = decode(model, z_list, y, reconstruct=reconstruct)
+    images, why = decode(model, z_list, y, reconstruct=reconstruct, batch=DECODE_BATCH)
     if why:
         raise InputError(f"{args.ckpt}: {why}: the checkpoint's weights are unusable (diverged?); "
                          "use an earlier checkpoint")
@@ -244,6 +245,7 @@ def _sample(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     y, nrow = _sample_classes(args, info, gen)
     n = (args.n or 64) if y is None else y.shape[0]
+    check_grid(n, info["in_channel"], info["img_size"], args.zoom, nrow, "--n")
     z = [args.temperature * torch.randn(n, *s, generator=gen).to(device)
          for s in _z_shapes(info)]
     images = _decode(model, z, args, None if y is None else y.to(device))
@@ -308,6 +310,7 @@ def _interpolate(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
     model, info = _load(args)
+    check_grid(args.steps, info["in_channel"], info["img_size"], args.zoom, args.steps, "--steps")
     device = next(model.parameters()).device
     ends = [to_levels(read_image(p, info["img_size"], info["in_channel"]), info["n_bins"]) for p in args.images]
     x = bin_centres(torch.stack(ends), info["n_bins"]).to(device)
@@ -332,6 +335,7 @@ def _morph(args: argparse.Namespace) -> int:
     if info["n_classes"] is None:
         raise InputError(f"{args.ckpt}: the model is unconditional; morph needs a checkpoint trained with "
                          "--conditional")
+    check_grid(args.steps, info["in_channel"], info["img_size"], args.zoom, args.steps, "--steps")
     a, b = (resolve_class(text, info["class_names"], info["n_classes"], flag)
             for text, flag in ((args.class_from, "--from"), (args.class_to, "--to")))
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)

@@ -157,7 +157,7 @@ def fit_image(im, img_size: int):
 def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | None) -> np.ndarray:
     """A uint8 image array from an .npz -> (N, C, H, W); layout NHWC/NCHW/NHW detected from C in {1, 3}."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open_npz(path) as archive:
             names = list(archive.files)
             if key is None:
                 key = NPZ_DEFAULT_KEY if NPZ_DEFAULT_KEY in names or len(names) != 1 else names[0]
@@ -184,6 +184,15 @@ def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | 
             raise InputError(f"{path}: images are {arr.shape[3]}x{arr.shape[2]}, smaller than --img-size {img_size}")
         arr = np.stack([_refit(a, img_size) for a in arr])
     return np.ascontiguousarray(arr)
+
+
+def open_npz(path: Path):
+    """np.load of an .npz archive, or a one-line InputError for anything else (a bare .npy array, text)."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise InputError(f"{path}: a single .npy array, not an .npz archive; save it with "
+                         "numpy.savez(FILE, images=ARRAY)")
+    return loaded
 
 
 def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
@@ -242,7 +251,7 @@ def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
 def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
     """The integer array ``labels`` (N,) of an .npz, values >= 0; class k is named "k", n_classes = max + 1."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        with open_npz(path) as archive:
             if NPZ_LABELS_KEY not in archive.files:
                 raise InputError(f"{path}: no array named {NPZ_LABELS_KEY!r} (it holds {list(archive.files)}); "
                                  "a class-conditional run needs one class label per image")

@@ -46,6 +46,7 @@ from .data import ShuffledBatches, dequantize, load_labels, load_split, save_ima
 from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, pick_backend,
                           setup_distributed, shard, teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError, one_line
+from .limits import check_grid
 from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
 from .progress import progress
 
@@ -114,19 +115,26 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     if cfg.cuda_graph and dist.device.type != "cuda" and dist.main:
         print("--cuda-graph: no CUDA device, each step runs eagerly", file=sys.stderr)
     state = _new_state(cfg, dist)
+    _sample_latents(state)  # before a resume writes to the log: a grid too large is refused first
     if found:
         _restore(state, *found)
     else:
         _initialise(state)
     state.net = wrap_model(state.model, dist)
+    return state
+
+
+def _sample_latents(state: RunState) -> None:
+    """The fixed latents (and, class-conditional runs, classes: one row per class) of every sample grid."""
+    cfg = state.cfg
+    n_sample, nrow = cfg.n_sample, None
+    if cfg.conditional:
+        nrow = max(1, cfg.n_sample // cfg.n_classes)
+        state.y_sample, n_sample = class_grid_labels(cfg.n_classes, nrow), nrow * cfg.n_classes
+    check_grid(n_sample, cfg.channels, cfg.img_size, cfg.zoom, nrow, "--n-sample/--zoom")
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    n_sample = cfg.n_sample
-    if cfg.conditional:  # one row per class
-        per_class = max(1, cfg.n_sample // cfg.n_classes)
-        state.y_sample, n_sample = class_grid_labels(cfg.n_classes, per_class), per_class * cfg.n_classes
     state.z_sample = [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
                       for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)]
-    return state
 
 
 def _load_class_labels(cfg: TrainConfig, n_images: int):
