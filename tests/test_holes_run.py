@@ -117,3 +117,32 @@ def test_item4_resume_on_other_data_of_the_same_size_is_refused(tmp_path):
     run = run_cli("train", "--data", data, "--out", out, *FOLDER_FLAGS, "--steps", "4", "--resume")
     assert_one_line_error(run, "data set changed", "step_00000002.pt")
     assert folder_state(out) == before
+
+
+def test_item7_classes_are_the_labels_present_and_empty_class_folders_are_named(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    npz, out = tmp_path / "d.npz", tmp_path / "run"
+    images = np.random.default_rng(0).integers(0, 256, (24, 8, 8), dtype=np.uint8)
+    np.savez(npz, images=images, labels=np.array([0, 1, 1000] * 8))
+    flags = ["--conditional", "--data", npz, "--out", out, *FOLDER_FLAGS, "--test-fraction", "0.25",
+             "--steps", "1"]
+    assert run_cli("train", *flags).returncode == 0
+    ckpt = ckpt_io.list_checkpoints(out)[0][1]
+    saved = ckpt_io.load_training_checkpoint(ckpt)
+    assert saved["config"]["class_names"] == ["0", "1", "1000"] and saved["config"]["n_classes"] == 3
+    assert saved["model"]["class_prior.weight"].shape[1] == 3  # not a 1001-class model
+    run = run_cli("sample", "--ckpt", ckpt, "--class", "1000", "--n", "2", "--out", tmp_path / "s.png")
+    assert run.returncode == 0, run.stderr
+
+    folder = tmp_path / "classes"
+    for name in ("cat", "dog", "empty"):
+        (folder / name).mkdir(parents=True)
+    for k, name in enumerate(("cat", "dog") * 10):
+        Image.fromarray(images[k]).save(folder / name / f"{k}.png")
+    run = run_cli("train", "--conditional", "--data", folder, "--out", tmp_path / "run2", *FOLDER_FLAGS,
+                  "--steps", "1")
+    assert run.returncode == 0, run.stderr
+    (line,) = [x for x in run.stderr.splitlines() if "warning" in x]
+    assert "empty" in line and "not classes" in line

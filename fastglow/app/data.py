@@ -9,7 +9,8 @@ A data set is a uint8 tensor of quantisation *levels* (N, C, H, W) with values i
 The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
 
 Class labels (class-conditional runs, :func:`load_labels`): the digits' own 0..9; a folder's first-level
-subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,).
+subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,), whose values
+present, in increasing order, are the classes (ids 0, 1, ..., named by their value).
 """
 
 from __future__ import annotations
@@ -242,14 +243,18 @@ def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
     if loose:
         raise InputError(f"{loose[0]}: an image outside the class subfolders; a class-conditional run takes "
                          f"one subfolder of {root} per class")
+    from .classes import warn_empty_class_folders
+
     classes = [f.relative_to(root).parts[0] for f in files]
     names = sorted(set(classes))
+    warn_empty_class_folders(root, names)
     ids = {name: k for k, name in enumerate(names)}
     return torch.tensor([ids[c] for c in classes], dtype=torch.int64), names
 
 
 def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """The integer array ``labels`` (N,) of an .npz, values >= 0; class k is named "k", n_classes = max + 1."""
+    """The integer array ``labels`` (N,) of an .npz, values >= 0; the classes are the values present
+    (:func:`fastglow.app.classes.labels_present`)."""
     try:
         with open_npz(path) as archive:
             if NPZ_LABELS_KEY not in archive.files:
@@ -265,8 +270,9 @@ def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
                          f"of shape {labels.shape}")
     if labels.size and labels.min() < 0:
         raise InputError(f"{path}: {NPZ_LABELS_KEY!r} holds a negative class id ({labels.min()})")
-    n_classes = int(labels.max()) + 1 if labels.size else 0
-    return torch.from_numpy(labels.astype(np.int64)), [str(k) for k in range(n_classes)]
+    from .classes import labels_present
+
+    return labels_present(labels.astype(np.int64))
 
 
 # ----------------------------------------------------------------------------------------------
