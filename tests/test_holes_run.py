@@ -4,6 +4,7 @@ case runs the real ``fastglow`` command in a subprocess."""
 import json
 
 import pytest
+import torch
 
 from fastglow.app import checkpoint as ckpt_io
 from fastglow.app import loop
@@ -51,7 +52,6 @@ def digits_run(tmp_path_factory):
     train(dict(TINY, out=str(out), steps=3))
     ckpt = ckpt_io.list_checkpoints(out)[0][1]
     bare = out / "bare.pt"
-    import torch
     torch.save(ckpt_io.load_training_checkpoint(ckpt)["model"], bare)  # rosinality-style: weights only
     return out, ckpt, bare
 
@@ -146,3 +146,41 @@ def test_item7_classes_are_the_labels_present_and_empty_class_folders_are_named(
     assert run.returncode == 0, run.stderr
     (line,) = [x for x in run.stderr.splitlines() if "warning" in x]
     assert "empty" in line and "not classes" in line
+
+
+def _records(out):
+    """metrics.jsonl's train and eval records without their timings."""
+    drop = {"elapsed_s", "sample"}  # timings; the grid's path (a file of the same name in either folder)
+    return [{k: v for k, v in e.items() if k not in drop} for e in _events(out) if e["event"] in ("train", "eval")]
+
+
+def test_item8_metrics_are_identical_after_a_resume_and_a_finished_run_is_left_alone(tmp_path, monkeypatch):
+    flags = [*TINY_FLAGS, "--steps", "12", "--ckpt-every", "7", "--log-every", "5", "--no-reversible",
+             "--threads", "1"]  # the subprocess's count: float sums depend on it
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--out", str(whole), *flags]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    real_step = loop.train_step
+
+    def killed_after_step_7(state):
+        if state.step == 7:
+            raise KeyboardInterrupt
+        return real_step(state)
+
+    monkeypatch.setattr(loop, "train_step", killed_after_step_7)
+    try:
+        assert main(["train", "--out", str(cut), *flags]) == 130
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.undo()
+    assert run_cli("train", "--out", cut, *flags, "--resume").returncode == 0
+    assert _records(cut) == _records(whole)  # train_bpd at step 10 averages steps 6..10 in both
+
+    before = folder_state(cut)
+    again = run_cli("train", "--out", cut, *flags, "--resume")
+    assert again.returncode == 0 and "nothing to do" in again.stderr, again.stderr
+    assert folder_state(cut) == before  # no eval line appended, no grid redrawn
+    assert "test bits/dim" in again.stdout

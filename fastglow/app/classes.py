@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .data import bin_centres, split_dataset
+from .data import bin_centres, load_labels, split_dataset
 from .errors import InputError
 
 
@@ -39,6 +39,32 @@ def warn_empty_class_folders(root, names: list[str]) -> None:
     if empty:
         shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
         print(f"fastglow: warning: {root}: subfolders without images are not classes: {shown}", file=sys.stderr)
+
+
+def run_labels(cfg, n_images: int):
+    """Class-conditional runs: the data's labels split like the images, filling in cfg.n_classes and
+    cfg.class_names -> (train, test) int64 labels; (None, None) for an unconditional run."""
+    if not cfg.conditional:
+        return None, None
+    labels, cfg.class_names = load_labels(cfg.data, n_images)
+    cfg.n_classes = len(cfg.class_names)
+    return split_labels(labels, cfg.test_fraction, cfg.split_seed)
+
+
+def sample_grid_latents(cfg) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A run's fixed sample-grid latents (seeded by cfg.seed + 1), and the classes of a class-conditional run's
+    grid (one row per class; None otherwise), after checking the grid's size."""
+    from .. import z_shapes
+    from .limits import check_grid
+
+    n_sample, nrow, y = cfg.n_sample, None, None
+    if cfg.conditional:
+        nrow = max(1, cfg.n_sample // cfg.n_classes)
+        y, n_sample = class_grid_labels(cfg.n_classes, nrow), nrow * cfg.n_classes
+    check_grid(n_sample, cfg.channels, cfg.img_size, cfg.zoom, nrow, "--n-sample/--zoom")
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
+            for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)], y
 
 
 def class_grid_labels(n_classes: int, per_class: int, device=None) -> torch.Tensor:

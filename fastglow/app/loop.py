@@ -37,16 +37,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import CudaGraphStep, Glow, z_shapes
+from .. import CudaGraphStep, Glow
 from . import checkpoint as ckpt_io
 from . import fingerprint, guard, runfolder
 from .config import TrainConfig, resolve_config
-from .classes import class_grid_labels, classification_accuracy, split_labels
-from .data import ShuffledBatches, dequantize, load_labels, load_split, save_image_grid
+from .classes import classification_accuracy, run_labels, sample_grid_latents
+from .data import ShuffledBatches, dequantize, load_split, save_image_grid
 from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, pick_backend,
                           setup_distributed, shard, teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError, one_line
-from .limits import check_grid
 from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
 from .progress import progress
 
@@ -115,7 +114,7 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     if cfg.cuda_graph and dist.device.type != "cuda" and dist.main:
         print("--cuda-graph: no CUDA device, each step runs eagerly", file=sys.stderr)
     state = _new_state(cfg, dist)
-    _sample_latents(state)  # before a resume writes to the log: a grid too large is refused first
+    state.z_sample, state.y_sample = sample_grid_latents(cfg)  # first: a grid too large is refused before a resume
     if found:
         _restore(state, *found)
     else:
@@ -124,33 +123,10 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     return state
 
 
-def _sample_latents(state: RunState) -> None:
-    """The fixed latents (and, class-conditional runs, classes: one row per class) of every sample grid."""
-    cfg = state.cfg
-    n_sample, nrow = cfg.n_sample, None
-    if cfg.conditional:
-        nrow = max(1, cfg.n_sample // cfg.n_classes)
-        state.y_sample, n_sample = class_grid_labels(cfg.n_classes, nrow), nrow * cfg.n_classes
-    check_grid(n_sample, cfg.channels, cfg.img_size, cfg.zoom, nrow, "--n-sample/--zoom")
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    state.z_sample = [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
-                      for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)]
-
-
-def _load_class_labels(cfg: TrainConfig, n_images: int):
-    """Class-conditional runs: the data's labels split like the images, filling in cfg.n_classes and
-    cfg.class_names -> (train, test) int64 labels; (None, None) for an unconditional run."""
-    if not cfg.conditional:
-        return None, None
-    labels, cfg.class_names = load_labels(cfg.data, n_images)
-    cfg.n_classes = len(cfg.class_names)
-    return split_labels(labels, cfg.test_fraction, cfg.split_seed)
-
-
 def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     """The data, and a seeded model, optimizer and data order at step 0 (before ActNorm's init or a resume)."""
     train_set, test_set = load_split(cfg, dist.world)
-    train_labels, test_labels = _load_class_labels(cfg, train_set.shape[0] + test_set.shape[0])
+    train_labels, test_labels = run_labels(cfg, train_set.shape[0] + test_set.shape[0])
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -180,6 +156,15 @@ def _restore(state: RunState, path: str, ckpt: dict) -> None:
     ckpt_io.restore_rng(ckpt["rng"], state.data_gen)
     state.step, state.elapsed, state.skipped = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("skipped", 0)
     state.resumed_from, state.run_id, state.saved_step = path, ckpt.get("run_id"), state.step
+    state.window = list(ckpt.get("window", []))
+    state.test_bpd, state.test_accuracy = ckpt.get("test_bpd"), ckpt.get("test_accuracy")
+    if state.step >= state.cfg.steps:  # a finished run: nothing to do, nothing written
+        grid = state.out / "samples" / f"step_{state.step:08d}.png"
+        state.sample = str(grid) if grid.is_file() else None
+        if state.dist.main:
+            print(f"the run finished at step {state.step} ({path}): nothing to do (raise --steps to train on)",
+                  file=sys.stderr)
+        return
     state.log.truncate_after(state.step)
     state.log.write(event="resume", step=state.step, checkpoint=str(path))
     if state.dist.main:
@@ -324,6 +309,7 @@ def save(state: RunState) -> None:
 def _resumable_extra(state: RunState) -> dict:
     """What a checkpoint holds besides the weights and the optimizer: step, counters, RNGs, data order."""
     return {"step": state.step, "elapsed": state.elapsed, "skipped": state.skipped, "test_bpd": state.test_bpd,
+            "test_accuracy": state.test_accuracy, "window": list(state.window),
             "rng": ckpt_io.capture_rng(state.data_gen), "data": state.batches.state_dict()}
 
 
@@ -385,6 +371,8 @@ def train(options: dict) -> dict:
 def run(state: RunState) -> dict:
     """Train from ``state.step`` to ``cfg.steps``, evaluating and saving on schedule and at the end -> summary."""
     cfg = state.cfg
+    if state.resumed_from and state.step >= cfg.steps:
+        return _summary(state, state.elapsed)
     bar = progress(cfg.steps, min(state.step, cfg.steps), state.dist.main and cfg.progress)
     state.started = time.perf_counter() - state.elapsed
     last_eval = last_ckpt = state.step
@@ -405,7 +393,11 @@ def run(state: RunState) -> dict:
     elapsed = time.perf_counter() - state.started
     state.log.write(event="done", step=state.step, test_bpd=state.test_bpd, elapsed_s=round(elapsed, 3),
                     skipped_total=state.skipped)
+    return _summary(state, elapsed)
+
+
+def _summary(state: RunState, elapsed: float) -> dict:
     return {"test_bpd": state.test_bpd, "sample": state.sample, "checkpoint": state.checkpoint or state.resumed_from,
-            "test_accuracy": state.test_accuracy,
-            "skipped": state.skipped, "step": state.step, "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg),
-            "rank": state.dist.rank, "world_size": state.dist.world}
+            "test_accuracy": state.test_accuracy, "skipped": state.skipped, "step": state.step,
+            "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg), "rank": state.dist.rank,
+            "world_size": state.dist.world}
