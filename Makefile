@@ -4,7 +4,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo demo-check test bench-gpu clean
+.PHONY: demo demo-check test test-gpu-stack bench-gpu clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,12 +29,29 @@ demo-check: demo
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
+# The GPU machine's Triton (and the numpy its interpreter needs), pinned in benchmarks/gpu_stack.txt, beside the
+# same CPU torch: the kernel and backend tests under its interpreter, and the sm_90 gate compiled by its compiler.
+GPU_STACK_VENV ?= .venv-gpustack
+GPU_STACK_BIN := $(GPU_STACK_VENV)/bin
+GPU_STACK_TESTS := tests/test_kernels_flow_step.py tests/test_kernels_lu_squeeze.py tests/test_triton_backend.py \
+	tests/test_compile_gate.py
+
+$(GPU_STACK_BIN)/.installed: pyproject.toml benchmarks/gpu_stack.txt
+	test -x $(GPU_STACK_BIN)/python || $(PYTHON) -m venv $(GPU_STACK_VENV)
+	$(GPU_STACK_BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(GPU_STACK_BIN)/python -m pip install --quiet -e ".[test]" -r benchmarks/gpu_stack.txt
+	touch $@
+
+test-gpu-stack: $(GPU_STACK_BIN)/.installed
+	$(GPU_STACK_BIN)/python -c "import triton, numpy; print('GPU stack: triton', triton.__version__, 'numpy', numpy.__version__)"
+	$(GPU_STACK_BIN)/python -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(GPU_STACK_TESTS)
+
 # Every GPU target in one command (benchmarks/gpu_run.py): installs nothing, runs with the Python that has torch;
 # results under $(OUT). Without CUDA: the CPU smoke run at tiny shapes. ROSINALITY=DIR adds rosinality's model.py.
 OUT ?= gpu-run
-BUDGET ?= 530
+BUDGET ?= 360
 bench-gpu:
 	PYTHONUNBUFFERED=1 $(PYTHON) -m benchmarks.gpu_run --out $(OUT) --budget $(BUDGET)$(if $(ROSINALITY), --rosinality $(ROSINALITY))
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(GPU_STACK_VENV) build *.egg-info .pytest_cache

@@ -60,7 +60,7 @@ class Scale:
     name: str
     cifar: ModelShape
     celeba: ModelShape
-    depths: tuple[int, ...]  # memory vs K, at the CIFAR shape
+    depths: tuple[int, ...]  # memory vs K, at the CIFAR shape, in the order measured (the target's K first)
     kernel_shapes: tuple[tuple[int, int, int, int], ...]  # (B, C, H, W): the squeezed levels of a 256^2 image
     lu_level: tuple[int, int]  # (K, C) of the batched LU weight benchmark
     limits_gb: tuple[float, ...]  # memory limits of the largest-batch search
@@ -69,7 +69,8 @@ class Scale:
     reps: int  # timed steps, at most
     seconds_per_impl: float  # stop timing an implementation after this long (at least 2 steps)
     margin_s: float  # a phase starts no measurement with less time than this left
-    tests: tuple[str, ...]  # pytest arguments of the native test run
+    tests: tuple[str, ...]  # the test files of the native test run
+    tests_filter: str = ""  # their pytest -k expression ("": all)
 
 
 SCALES = {
@@ -77,12 +78,13 @@ SCALES = {
         name="gpu",
         cifar=ModelShape("cifar", 3, 32, 32, 3, 512, True, 64),
         celeba=ModelShape("celeba256", 3, 256, 32, 6, 512, False, 16),
-        depths=(8, 16, 32, 64),
+        depths=(32, 8, 16, 64),
         kernel_shapes=((16, 12, 128, 128), (16, 24, 64, 64), (16, 48, 32, 32)),
         lu_level=(32, 48), limits_gb=(40.0, 80.0), batch_cap=1024,
         warmup=2, reps=8, seconds_per_impl=2.5, margin_s=8.0,
-        tests=("tests/test_cuda_graph.py", "tests/test_gpu_options.py", "tests/test_kernels_flow_step.py",
-               "tests/test_kernels_lu_squeeze.py")),
+        tests=("tests/test_kernels_flow_step.py", "tests/test_kernels_lu_squeeze.py", "tests/test_cuda_graph.py",
+               "tests/test_gpu_options.py", "tests/test_triton_backend.py", "tests/test_reversible.py",
+               "tests/test_reversible_trust.py", "tests/test_conditional.py", "tests/test_checks.py")),
     "cpu": Scale(
         name="cpu",
         cifar=ModelShape("cifar-tiny", 1, 8, 1, 2, 4, True, 2),
@@ -91,8 +93,17 @@ SCALES = {
         kernel_shapes=((2, 4, 4, 4),),
         lu_level=(2, 4), limits_gb=(0.02, 0.04), batch_cap=4,
         warmup=0, reps=1, seconds_per_impl=0.0, margin_s=1.5,
-        tests=("tests/test_cuda_graph.py", "-k", "bad_use")),
+        tests=("tests/test_cuda_graph.py",), tests_filter="bad_use"),
 }
+
+
+def quick(scale: Scale) -> Scale:
+    """The ``--quick`` form of a scale (a retry within ~150 s): fewer timed steps, the first and the target's
+    depth only, the float32 tests only."""
+    no_f64 = "not float64 and not gradcheck"
+    return dataclasses.replace(scale, warmup=min(scale.warmup, 1), reps=min(scale.reps, 3),
+                               seconds_per_impl=min(scale.seconds_per_impl, 1.0), depths=scale.depths[:2],
+                               tests_filter=f"({scale.tests_filter}) and {no_f64}" if scale.tests_filter else no_f64)
 
 TRAIN_IMPLS = ("fastglow-reversible", "fastglow-plain", "eager", "checkpoint")
 

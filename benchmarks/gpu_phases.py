@@ -105,8 +105,11 @@ def _git_commit() -> str:
 
 
 def phase_tests(ctx: PhaseContext) -> None:
-    """The kernel and model tests, natively (float32 and float64), stopped at the phase budget."""
-    cmd = [sys.executable, "-m", "pytest", "-v", "-x", "-p", "no:cacheprovider", *ctx.scale.tests]
+    """The kernel and model tests, natively, every float32 test before any float64 one, every failure reported
+    (no -x), stopped at the phase budget with the counts so far."""
+    select = ("-k", ctx.scale.tests_filter) if ctx.scale.tests_filter else ()
+    cmd = [sys.executable, "-m", "pytest", "-v", "--float64-last", "-p", "no:cacheprovider", *select,
+           *ctx.scale.tests]
     ctx.rec.set("command", " ".join(["python", *cmd[1:]]))
     log = ctx.out / "logs" / "pytest.log"
     t0 = time.monotonic()
@@ -122,7 +125,7 @@ def phase_tests(ctx: PhaseContext) -> None:
     text = log.read_text(errors="replace")
     counts = {k: len(re.findall(rf" {k.upper()}(?:\s|$)", text)) for k in ("passed", "failed", "error", "skipped")}
     ctx.rec.data.update(counts, duration_s=time.monotonic() - t0,
-                        failures=re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)[:10])
+                        failures=re.findall(r"^(?:FAILED|ERROR) (\S+)", text, re.M)[:30])
     ctx.rec.flush()
 
 
@@ -158,8 +161,8 @@ def phase_train_celeba(ctx):
 def phase_memory_vs_k(ctx: PhaseContext) -> None:
     """Peak memory of a training step at the CIFAR shape for K in scale.depths, per implementation."""
     quick = dataclasses.replace(ctx.scale, warmup=min(1, ctx.scale.warmup), reps=1, seconds_per_impl=0.0)
-    for impl in TRAIN_IMPLS:
-        for k in ctx.scale.depths:
+    for k in ctx.scale.depths:  # the target's K first
+        for impl in TRAIN_IMPLS:
             if ctx.out_of_time():
                 ctx.rec.set("stopped", f"phase budget ran out before {impl} at K={k}")
                 return

@@ -1,11 +1,36 @@
-"""What the one-command GPU run (:mod:`benchmarks.gpu_run`) leaves behind: the targets of issue #11 judged from
-the phases' numbers, a RESULTS.md section, PNG plots, and the one-screen summary."""
+"""What the one-command GPU run (:mod:`benchmarks.gpu_run`) leaves behind: the targets judged from the phases'
+numbers, a RESULTS.md section, PNG plots, and the one-screen summary. Every target row and every section is
+written on its own (:func:`_guarded`): a phase that failed, timed out or recorded only some of its fields costs
+its own rows, never another phase's numbers."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 FASTGLOW = "fastglow-reversible"
+
+
+def _guarded(fallback):
+    """Decorator: on any error, ``fallback(fn, err)`` instead of the result (one section or row lost, not all)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001  (a report must outlive any malformed record)
+                return fallback(fn, f"{type(err).__name__}: {err}")
+        return run
+    return wrap
+
+
+def _target(name: str):
+    """A target row's function, guarded: an unreadable record gives (name, 'unreadable: ...', 'n/a')."""
+    return _guarded(lambda fn, err: (name, f"unreadable record ({err})", "n/a"))
+
+
+_section = _guarded(lambda fn, err: [f"(section {fn.__name__.strip('_')} not written: {err}; "
+                                     "its numbers are in results.json)", ""])
 
 
 def _impl(results, phase, impl):
@@ -23,30 +48,45 @@ def _ratio_target(name, num, den, key, goal, label):
 
 
 def targets(results: dict) -> list[tuple[str, str, str]]:
-    """(target, measured value, met | missed | n/a) for every target of issue #11."""
+    """(target, measured value, met | missed | n/a) for every target."""
+    return [row(results) for row in (_eager_target, _compiled_target, _checkpoint_target, _bandwidth_target,
+                                     _memory_target, _batch_target, _sampling_target, _roundtrip_check)]
+
+
+def _ms(a, b):
+    return f"{a['ms']:.1f} vs {b['ms']:.1f} ms"
+
+
+@_target("CIFAR training step >= 2.0x reference eager fp32")
+def _eager_target(results):
     eager, fg = _impl(results, "train_cifar", "eager"), _impl(results, "train_cifar", FASTGLOW)
+    return _ratio_target("CIFAR training step >= 2.0x reference eager fp32", eager, fg, "ms", 2.0,
+                         lambda a, b: _ms(b, a))
+
+
+@_target("CIFAR training step >= 1.3x torch.compile(reference)")
+def _compiled_target(results):
     compiled = (_impl(results, "train_cifar_compiled", "compiled")
                 or _impl(results, "train_cifar_compiled_per_flow", "compiled-per-flow"))
-    ckpt = _impl(results, "train_cifar", "checkpoint")
-    ms = lambda a, b: f"{b['ms']:.1f} vs {a['ms']:.1f} ms"  # noqa: E731
-    rows = [_ratio_target("CIFAR training step >= 2.0x reference eager fp32", eager, fg, "ms", 2.0,
-                          lambda a, b: ms(b, a)),
-            _ratio_target("CIFAR training step >= 1.3x torch.compile(reference)", compiled, fg, "ms", 1.3,
-                          lambda a, b: ms(b, a))]
-    if ckpt and fg:
-        ok = fg["ms"] < ckpt["ms"] and fg["peak_gb"] < ckpt["peak_gb"]
-        rows.append(("faster than per-Flow checkpoint at lower peak memory",
-                     f"{fg['ms']:.1f} vs {ckpt['ms']:.1f} ms, {fg['peak_gb']:.2f} vs {ckpt['peak_gb']:.2f} GB",
-                     "met" if ok else "missed"))
-    else:
-        rows.append(("faster than per-Flow checkpoint at lower peak memory", "n/a", "n/a"))
-    return rows + [_bandwidth_target(results), _memory_target(results), _batch_target(results),
-                   _sampling_target(results), _roundtrip_check(results)]
+    return _ratio_target("CIFAR training step >= 1.3x torch.compile(reference)", compiled,
+                         _impl(results, "train_cifar", FASTGLOW), "ms", 1.3, lambda a, b: _ms(b, a))
 
 
+@_target("faster than per-Flow checkpoint at lower peak memory")
+def _checkpoint_target(results):
+    name = "faster than per-Flow checkpoint at lower peak memory"
+    ckpt, fg = _impl(results, "train_cifar", "checkpoint"), _impl(results, "train_cifar", FASTGLOW)
+    if not (ckpt and fg):
+        return name, "n/a", "n/a"
+    ok = fg["ms"] < ckpt["ms"] and fg["peak_gb"] < ckpt["peak_gb"]
+    return (name, f"{fg['ms']:.1f} vs {ckpt['ms']:.1f} ms, {fg['peak_gb']:.2f} vs {ckpt['peak_gb']:.2f} GB",
+            "met" if ok else "missed")
+
+
+@_target("fused kernels >= 80% of copy bandwidth at 256^2")
 def _bandwidth_target(results):
     name = "fused kernels >= 80% of copy bandwidth at 256^2"
-    rows = [r for r in results.get("kernels", {}).get("data", {}).get("rows", []) if r["fused"] and "of_copy" in r]
+    rows = [r for r in results.get("kernels", {}).get("data", {}).get("rows", []) if r.get("fused") and r.get("of_copy") is not None]
     if not rows:
         return name, "n/a", "n/a"
     worst = min(rows, key=lambda r: r["of_copy"])
@@ -54,10 +94,11 @@ def _bandwidth_target(results):
             "met" if worst["of_copy"] >= 0.8 else "missed")
 
 
+@_target("peak memory at K=32 <= 1/5 of eager")
 def _memory_target(results):
     name = "peak memory at K=32 <= 1/5 of eager"
     rows = results.get("memory_vs_k", {}).get("data", {}).get("rows", [])
-    at = {r["impl"]: r for r in rows if r["n_flow"] == 32 and r.get("status") == "ok"}
+    at = {r.get("impl"): r for r in rows if r.get("n_flow") == 32 and r.get("status") == "ok" and r.get("peak_gb")}
     if FASTGLOW not in at or "eager" not in at:
         return name, "n/a", "n/a"
     ratio = at[FASTGLOW]["peak_gb"] / at["eager"]["peak_gb"]
@@ -65,21 +106,23 @@ def _memory_target(results):
             "met" if ratio <= 0.2 else "missed")
 
 
+@_target("K=32 L=6 256^2 trains at batch >= 64 in 80 GB")
 def _batch_target(results):
     name = "K=32 L=6 256^2 trains at batch >= 64 in 80 GB"
     rows = [r for r in results.get("max_batch", {}).get("data", {}).get("rows", [])
-            if r["impl"] == FASTGLOW and r["limit_gb"] == 80.0]
+            if r.get("impl") == FASTGLOW and r.get("limit_gb") == 80.0 and "largest_ok" in r]
     if not rows:
         return name, "n/a", "n/a"
     r = rows[0]
-    more = "+ (search capped)" if r["capped"] else ""
+    more = "+ (search capped)" if r.get("capped") else ""
     return name, f"batch {r['largest_ok']}{more}", "met" if r["largest_ok"] >= 64 else "missed"
 
 
+@_target("sampling >= 2x eager (T=0.7)")
 def _sampling_target(results):
     data = results.get("sampling", {}).get("data", {})
     for shape, impls in data.items():
-        if isinstance(impls, dict) and FASTGLOW in impls and "eager" in impls:
+        if isinstance(impls, dict) and all(impls.get(i, {}).get("images_per_s") for i in (FASTGLOW, "eager")):
             ratio = impls[FASTGLOW]["images_per_s"] / impls["eager"]["images_per_s"]
             return ("sampling >= 2x eager (T=0.7)",
                     f"{ratio:.2f}x at {shape} ({impls[FASTGLOW]['images_per_s']:.0f} vs "
@@ -87,10 +130,11 @@ def _sampling_target(results):
     return "sampling >= 2x eager (T=0.7)", "n/a", "n/a"
 
 
+@_target("check: reverse(forward(x)) float32 <= 1e-5 (fastglow)")
 def _roundtrip_check(results):
     name = "check: reverse(forward(x)) float32 <= 1e-5 (fastglow)"
     rows = [r for r in results.get("accuracy", {}).get("data", {}).get("roundtrip", [])
-            if r["impl"] == FASTGLOW and r["dtype"] == "float32"]
+            if r.get("impl") == FASTGLOW and r.get("dtype") == "float32" and r.get("rel_error") is not None]
     if not rows:
         return name, "n/a", "n/a"
     worst = max(r["rel_error"] for r in rows)
@@ -125,69 +169,118 @@ def _training(d: dict) -> dict:
 
 
 def _phase_sections(results: dict) -> list[str]:
-    d = {name: r.get("data", {}) for name, r in results.items()}
+    """Every phase's section, each written on its own; a row lacking a field shows it blank."""
+    d = {name: (r.get("data") or {}) for name, r in results.items()}
+    return [line for section in (_training_sections, _kernels_section, _memory_section, _batch_section,
+                                 _sampling_section, _roundtrip_section, _reference_section, _options_section,
+                                 _profile_sections)
+            for line in section(d)]
+
+
+@_section
+def _training_sections(d: dict) -> list[str]:
     lines = []
     for title, data in _training(d).items():
         if data.get("impls"):
             lines += [f"### Training step, {title} ({_shape_label(data.get('shape', {}))})", ""] + _train_table(data)
-    if d.get("kernels", {}).get("rows"):
-        k = d["kernels"]
-        lines += [f"### Kernels (copy bandwidth, large: {k.get('copy_gbps_large', 0):.0f} GB/s)", ""]
-        lines += _table(["kernel", "shape", "ms", "GB/s", "of copy", "predicted ms"],
-                        [[r["kernel"], "x".join(map(str, r["shape"])), r["ms"], r.get("gbps"), r.get("of_copy"),
-                          r.get("predicted_ms") if r.get("predicted_ms") is not None else "n/a"]
-                         for r in k["rows"]])
-    if d.get("memory_vs_k", {}).get("rows"):
-        rows = d["memory_vs_k"]["rows"]
-        impls = list(dict.fromkeys(r["impl"] for r in rows))
-        by = {(r["impl"], r["n_flow"]): r for r in rows}
-        lines += ["### Peak memory (GB) of a training step vs K, CIFAR shape", ""]
-        lines += _table(["K", *impls], [[k, *[_peak(by.get((i, k))) for i in impls]]
-                                       for k in sorted({r["n_flow"] for r in rows})])
-    if d.get("max_batch", {}).get("rows"):
-        lines += [f"### Largest training batch ({_shape_label(d['max_batch'].get('shape', {}))})", ""]
-        lines += _table(["implementation", "limit GB", "largest ok", "smallest failed", "capped", "trials"],
-                        [[r["impl"], r["limit_gb"], r["largest_ok"], r["smallest_failed"], r["capped"],
-                          len(r["trials"])] for r in d["max_batch"]["rows"]])
-    lines += _small_sections(d)
     return lines
 
 
-def _small_sections(d: dict) -> list[str]:
-    lines = []
+@_section
+def _kernels_section(d: dict) -> list[str]:
+    k = d.get("kernels", {})
+    if not k.get("rows"):
+        return []
+    return ([f"### Kernels (copy bandwidth, large: {k.get('copy_gbps_large') or 0:.0f} GB/s)", ""]
+            + _table(["kernel", "shape", "ms", "GB/s", "of copy", "predicted ms", "status"],
+                     [[r.get("kernel"), "x".join(map(str, r.get("shape", ()))), r.get("ms"), r.get("gbps"),
+                       r.get("of_copy"), r.get("predicted_ms") if r.get("predicted_ms") is not None else "n/a",
+                       r.get("status", "ok")] for r in k["rows"]]))
+
+
+@_section
+def _memory_section(d: dict) -> list[str]:
+    rows = d.get("memory_vs_k", {}).get("rows", [])
+    if not rows:
+        return []
+    impls = list(dict.fromkeys(r.get("impl") for r in rows))
+    by = {(r.get("impl"), r.get("n_flow")): r for r in rows}
+    return (["### Peak memory (GB) of a training step vs K, CIFAR shape", ""]
+            + _table(["K", *impls], [[k, *[_peak(by.get((i, k))) for i in impls]]
+                                    for k in sorted({r["n_flow"] for r in rows if r.get("n_flow") is not None})]))
+
+
+@_section
+def _batch_section(d: dict) -> list[str]:
+    rows = d.get("max_batch", {}).get("rows", [])
+    if not rows:
+        return []
+    return ([f"### Largest training batch ({_shape_label(d['max_batch'].get('shape', {}))})", ""]
+            + _table(["implementation", "limit GB", "largest ok", "smallest failed", "capped", "trials"],
+                     [[r.get("impl"), r.get("limit_gb"), r.get("largest_ok"), r.get("smallest_failed"),
+                       r.get("capped"), len(r.get("trials", []))] for r in rows]))
+
+
+@_section
+def _sampling_section(d: dict) -> list[str]:
     samp = {k: v for k, v in d.get("sampling", {}).items() if isinstance(v, dict)}
-    if samp:
-        lines += [f"### Sampling at T={d['sampling'].get('temperature')}", ""]
-        lines += _table(["shape", "implementation", "batch", "ms", "images/s"],
-                        [[s, i, r["batch"], r["ms"], r["images_per_s"]] for s, v in samp.items() for i, r in v.items()])
-    acc = d.get("accuracy", {})
-    if acc.get("roundtrip"):
-        lines += ["### reverse(forward(x)) on the device", ""]
-        lines += _table(["implementation", "shape", "dtype", "normwise rel. error", "max rel. error"],
-                        [[r["impl"], r["shape"], r["dtype"], r["rel_error"], r["max_rel_error"]]
-                         for r in acc["roundtrip"]])
-    if acc.get("vs_reference"):
-        shape = _shape_label(acc["vs_reference"][0]["shape"])
-        lines += [f"### fastglow (Triton, reversible) vs the reference, same weights ({shape})", ""]
-        lines += _table(["dtype", "log_p", "logdet", "worst parameter gradient"],
-                        [[r["dtype"], r["log_p"], r["logdet"], r["grads_max"]] for r in acc["vs_reference"]])
+    if not samp:
+        return []
+    return ([f"### Sampling at T={d['sampling'].get('temperature')}", ""]
+            + _table(["shape", "implementation", "batch", "ms", "images/s", "status"],
+                     [[s, i, r.get("batch"), r.get("ms"), r.get("images_per_s"), r.get("status", "ok")]
+                      for s, v in samp.items() for i, r in v.items()]))
+
+
+@_section
+def _roundtrip_section(d: dict) -> list[str]:
+    rows = d.get("accuracy", {}).get("roundtrip", [])
+    if not rows:
+        return []
+    return (["### reverse(forward(x)) on the device", ""]
+            + _table(["implementation", "shape", "dtype", "normwise rel. error", "max rel. error", "status"],
+                     [[r.get("impl"), r.get("shape"), r.get("dtype"), r.get("rel_error"), r.get("max_rel_error"),
+                       r.get("status", "ok")] for r in rows]))
+
+
+@_section
+def _reference_section(d: dict) -> list[str]:
+    rows = d.get("accuracy", {}).get("vs_reference", [])
+    if not rows:
+        return []
+    shape = next((_shape_label(r["shape"]) for r in rows if r.get("shape")), "?")
+    return ([f"### fastglow (Triton, reversible) vs the reference, same weights ({shape})", ""]
+            + _table(["dtype", "log_p", "logdet", "worst parameter gradient", "status"],
+                     [[r.get("dtype"), r.get("log_p"), r.get("logdet"), r.get("grads_max"), r.get("status", "ok")]
+                      for r in rows]))
+
+
+@_section
+def _options_section(d: dict) -> list[str]:
     opts = d.get("gpu_options", {}).get("variants", {})
-    if opts:
-        base = opts.get("float32", {}).get("ms")
-        lines += ["### GPU-side options, fastglow-reversible at the CIFAR shape", ""]
-        lines += _table(["variant", "median ms", "vs float32", "loss", "peak GB", "captured", "status"],
-                        [[n, r.get("ms"), base / r["ms"] if base and r.get("ms") else None, r.get("loss"),
-                          r.get("peak_gb"), r.get("captured"), r.get("status")] for n, r in opts.items()])
+    if not opts:
+        return []
+    base = opts.get("float32", {}).get("ms")
+    return (["### GPU-side options, fastglow-reversible at the CIFAR shape", ""]
+            + _table(["variant", "median ms", "vs float32", "loss", "peak GB", "captured", "status"],
+                     [[n, r.get("ms"), base / r["ms"] if base and r.get("ms") else None, r.get("loss"),
+                       r.get("peak_gb"), r.get("captured"), r.get("status")] for n, r in opts.items()]))
+
+
+@_section
+def _profile_sections(d: dict) -> list[str]:
+    lines = []
     for impl, r in d.get("profile", {}).get("impls", {}).items():
         if r.get("top"):
-            lines += [f"### Profile of two CIFAR training steps, {impl} (top rows by {r['sorted_by']}; the full "
-                      f"table: {r['file']})", ""]
-            lines += _table(["op or kernel", "ms", "calls"], [[t["name"], t["ms"], t["calls"]] for t in r["top"]])
+            lines += [f"### Profile of two CIFAR training steps, {impl} (top rows by {r.get('sorted_by')}; the "
+                      f"full table: {r.get('file')})", ""]
+            lines += _table(["op or kernel", "ms", "calls"],
+                            [[t.get("name"), t.get("ms"), t.get("calls")] for t in r["top"]])
     return lines
 
 
 def _peak(r):
-    return None if r is None else (r["peak_gb"] if r.get("status") == "ok" else r.get("status"))
+    return None if r is None else (r.get("peak_gb") if r.get("status") == "ok" else r.get("status"))
 
 
 def _shape_label(shape: dict) -> str:
@@ -199,7 +292,7 @@ def _shape_label(shape: dict) -> str:
 
 
 def markdown(results: dict, command: str) -> str:
-    env = results.get("env", {}).get("data", {})
+    env = results.get("env", {}).get("data") or {}
     smoke = env.get("scale") == "cpu"
     lines = [f"## GPU run{' (CPU smoke, tiny shapes: checks the plumbing, not the targets)' if smoke else ''}: "
              f"{env.get('date', '?')}", "",
@@ -211,7 +304,7 @@ def markdown(results: dict, command: str) -> str:
     lines += _table(["target", "measured", "verdict"], [list(t) for t in targets(results)])
     lines += ["### Phases", ""]
     lines += _table(["phase", "status", "seconds", "budget s", "message"],
-                    [[n, r["status"], r.get("seconds"), r.get("budget_s"), r.get("message", "")]
+                    [[n, r.get("status"), r.get("seconds"), r.get("budget_s"), r.get("message", "")]
                      for n, r in results.items()])
     return "\n".join(lines + _phase_sections(results))
 
@@ -220,39 +313,57 @@ def markdown(results: dict, command: str) -> str:
 # Plots and the summary
 # ----------------------------------------------------------------------------------------------
 def plots(results: dict, out: Path) -> list[str]:
-    """PNG plots of what was measured; -> the files written."""
+    """PNG plots of what was measured, each on its own; -> the files written (or why one was not)."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    d = {name: (r.get("data") or {}) for name, r in results.items()}
+    return [name for name in (plot(d, out) for plot in (_train_plot, _memory_plot, _kernels_plot)) if name]
 
-    written = []
-    d = {name: r.get("data", {}) for name, r in results.items()}
+
+_plot = _guarded(lambda fn, err: f"({fn.__name__.strip('_')} failed: {err})")
+
+
+@_plot
+def _train_plot(d: dict, out: Path) -> str | None:
+    import matplotlib.pyplot as plt
     trains = [(title, data["impls"]) for title, data in _training(d).items() if data.get("impls")]
-    if trains:
-        fig, axes = plt.subplots(1, len(trains), figsize=(5 * len(trains), 3.5), squeeze=False)
-        for ax, (phase, impls) in zip(axes[0], trains):
-            ok = {i: r for i, r in impls.items() if r.get("status") == "ok"}
-            ax.barh(list(ok), [r["ms"] for r in ok.values()])
-            ax.set_title(phase)
-            ax.set_xlabel("median training step (ms)")
-        written.append(_save(fig, out / "train_step.png"))
-    rows = d.get("memory_vs_k", {}).get("rows", [])
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for impl in dict.fromkeys(r["impl"] for r in rows):
-            pts = [(r["n_flow"], r["peak_gb"]) for r in rows if r["impl"] == impl and r.get("status") == "ok"]
-            ax.plot([k for k, _ in pts], [g for _, g in pts], marker="o", label=impl)
-        ax.set(xlabel="K (flow steps per level)", ylabel="peak memory (GB)", title="training step, CIFAR shape")
-        ax.legend()
-        written.append(_save(fig, out / "memory_vs_k.png"))
-    kern = [r for r in d.get("kernels", {}).get("rows", []) if "of_copy" in r]
-    if kern:
-        fig, ax = plt.subplots(figsize=(8, 0.3 * len(kern) + 1.5))
-        ax.barh([f"{r['kernel']} {'x'.join(map(str, r['shape']))}" for r in kern], [r["of_copy"] for r in kern])
-        ax.axvline(0.8, color="k", linestyle="--")
-        ax.set_xlabel("achieved bandwidth / copy bandwidth at the same shape")
-        written.append(_save(fig, out / "kernels.png"))
-    return written
+    if not trains:
+        return None
+    fig, axes = plt.subplots(1, len(trains), figsize=(5 * len(trains), 3.5), squeeze=False)
+    for ax, (phase, impls) in zip(axes[0], trains):
+        ok = {i: r for i, r in impls.items() if r.get("status") == "ok" and r.get("ms")}
+        ax.barh(list(ok), [r["ms"] for r in ok.values()])
+        ax.set_title(phase)
+        ax.set_xlabel("median training step (ms)")
+    return _save(fig, out / "train_step.png")
+
+
+@_plot
+def _memory_plot(d: dict, out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+    rows = [r for r in d.get("memory_vs_k", {}).get("rows", []) if r.get("status") == "ok" and r.get("peak_gb")]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        pts = sorted((r["n_flow"], r["peak_gb"]) for r in rows if r["impl"] == impl)
+        ax.plot([k for k, _ in pts], [g for _, g in pts], marker="o", label=impl)
+    ax.set(xlabel="K (flow steps per level)", ylabel="peak memory (GB)", title="training step, CIFAR shape")
+    ax.legend()
+    return _save(fig, out / "memory_vs_k.png")
+
+
+@_plot
+def _kernels_plot(d: dict, out: Path) -> str | None:
+    import matplotlib.pyplot as plt
+    kern = [r for r in d.get("kernels", {}).get("rows", []) if r.get("of_copy") is not None]
+    if not kern:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(kern) + 1.5))
+    ax.barh([f"{r.get('kernel')} {'x'.join(map(str, r.get('shape', ())))}" for r in kern], [r["of_copy"] for r in kern])
+    ax.axvline(0.8, color="k", linestyle="--")
+    ax.set_xlabel("achieved bandwidth / copy bandwidth at the same shape")
+    return _save(fig, out / "kernels.png")
 
 
 def _save(fig, path: Path) -> str:
@@ -265,13 +376,13 @@ def _save(fig, path: Path) -> str:
 
 def summary(results: dict) -> str:
     """One screen: the device, each phase's status, each target with its measured value and verdict."""
-    env = results.get("env", {}).get("data", {})
+    env = results.get("env", {}).get("data") or {}
     lines = [f"device: {env.get('device', '?')}",
              f"torch {env.get('torch')}, triton {env.get('triton')}, commit {env.get('git_commit')}"]
     if env.get("scale") == "cpu":
         lines.append("CPU SMOKE RUN at tiny shapes: the verdicts below say nothing about the GPU targets")
     lines += ["", f"{'phase':32s} {'status':10s} {'s':>6s}  message"]
-    lines += [f"{n:32s} {r['status']:10s} {r.get('seconds') or 0:6.1f}  {r.get('message', '')[:60]}"
+    lines += [f"{n:32s} {r.get('status', '?'):10s} {r.get('seconds') or 0:6.1f}  {r.get('message', '')[:60]}"
               for n, r in results.items()]
     lines += ["", f"{'target':55s} {'verdict':7s} measured"]
     lines += [f"{t:55s} {v:7s} {m}" for t, m, v in targets(results)]

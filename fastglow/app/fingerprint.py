@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .datasets import split_indices
 from .errors import InputError
 
 PIXEL_SAMPLES = 64  # images per split whose bytes enter the fingerprint
@@ -35,13 +36,6 @@ def image_keys(source: str, n_images: int) -> list[str]:
     return [str(i) for i in range(n_images)]
 
 
-def seeded_split(n_images: int, test_fraction: float, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, test) indices of the split :func:`fastglow.app.data.split_dataset` makes with the same seed."""
-    from .data import split_dataset
-
-    return split_dataset(torch.arange(n_images), test_fraction, torch.Generator().manual_seed(split_seed))
-
-
 def _digest(parts) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -50,22 +44,24 @@ def _digest(parts) -> str:
     return h.hexdigest()
 
 
-def _pixels(levels: torch.Tensor) -> str:
-    picks = torch.linspace(0, levels.shape[0] - 1, min(PIXEL_SAMPLES, levels.shape[0])).long().unique()
-    return _digest(levels[i].contiguous().numpy().tobytes() for i in picks.tolist())
+def _pixels(images) -> str:
+    """sha256 of up to PIXEL_SAMPLES evenly spaced images of a levels tensor or a :class:`Split`."""
+    picks = torch.linspace(0, len(images) - 1, min(PIXEL_SAMPLES, len(images))).long().unique().tolist()
+    levels = images[picks] if isinstance(images, torch.Tensor) else images.read(picks)[0]
+    return _digest(image.contiguous().numpy().tobytes() for image in levels)
 
 
-def fingerprint(keys: list[str], train_set: torch.Tensor, test_set: torch.Tensor, n_bins: int) -> dict:
-    """The data set's identity: count, image shape, levels, its keys' hash and its pixels' hash."""
+def fingerprint(keys: list[str], train_set, test_set, n_bins: int) -> dict:
+    """The data set's identity: count, image shape, levels, its keys' hash and its pixels' hash (the splits:
+    levels tensors or :class:`~fastglow.app.datasets.Split` s)."""
     return {"count": len(keys), "shape": list(train_set.shape[1:]), "n_bins": int(n_bins),
             "keys": _digest(keys), "pixels": _pixels(train_set) + _pixels(test_set)}
 
 
-def record(source: str, train_set: torch.Tensor, test_set: torch.Tensor, n_bins: int, test_fraction: float,
-           split_seed: int) -> dict:
+def record(source: str, train_set, test_set, n_bins: int, test_fraction: float, split_seed: int) -> dict:
     """A checkpoint's ``dataset`` entry for a run's split of ``source``."""
-    keys = image_keys(source, train_set.shape[0] + test_set.shape[0])
-    _, test = seeded_split(len(keys), test_fraction, split_seed)
+    keys = image_keys(source, len(train_set) + len(test_set))
+    _, test = split_indices(len(keys), test_fraction, split_seed)
     return {"test": [keys[i] for i in test.tolist()], "fingerprint": fingerprint(keys, train_set, test_set, n_bins)}
 
 
@@ -94,11 +90,12 @@ def check_resume(saved: dict | None, now: dict, source: str, path) -> None:
 
 
 def recorded_split(source: str, levels: torch.Tensor, n_bins: int, config: dict, saved: dict | None):
-    """(train, test) indices of a run's split over ``levels`` (its data set as it is now), and a warning (one
-    line) if the data changed since: held-out images are found by key; every other image is training data."""
+    """(train, test) indices of a run's split over ``levels`` (its data set as it is now, in memory), and a
+    warning (one line) if the data changed since: held-out images are found by key; every other image is
+    training data."""
     n = levels.shape[0]
     fraction = config.get("test_fraction") or (0.2 if source == "digits" else 0.1)
-    train, test = seeded_split(n, fraction, config.get("split_seed", 0))
+    train, test = split_indices(n, fraction, config.get("split_seed", 0))
     if saved is None:
         return train, test, None
     keys = image_keys(source, n)
