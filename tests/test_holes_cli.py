@@ -76,3 +76,17 @@ def test_item6_many_samples_are_decoded_in_batches(ckpt, tmp_path):
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (18 * 10 + 2, 17 * 10 + 2)  # 18 per row, 17 rows of 8+2 pixels
     assert folder_state(tmp_path).keys() == {"many.png"}
+
+
+def test_item9_outputs_refused_leave_nothing_behind(ckpt, tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "keep.txt").write_text("mine")
+    before = folder_state(tmp_path)
+    for out, names in ((tmp_path / "runs", ["runs", "folder"]), (tmp_path / "x.jpg", ["x.jpg", ".png"])):
+        assert_one_line_error(run_cli("sample", "--ckpt", ckpt, "--n", "2", "--out", out), *names)
+        assert folder_state(tmp_path) == before  # no .runs.tmp, no PNG bytes in a .jpg
+    new = tmp_path / "new"
+    run = run_cli("train", "--data", tmp_path / "missing", "--out", new, *TINY_FLAGS)
+    assert_one_line_error(run, "missing")
+    assert not new.exists()  # a refused run leaves no empty --out folder
+    assert folder_state(tmp_path) == before

@@ -382,7 +382,7 @@ def train(options: dict) -> dict:
         summary = run(start_or_resume(options, resume, dist, new_run, lock))
         return summary
     finally:
-        lock.release()
+        lock.release(failed=summary is None)
         teardown(dist, finished=summary is not None)
 
 

@@ -39,10 +39,13 @@ class RunLock:
     """An exclusive, non-blocking lock on a run folder, held from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, out: Path):
-        self.out, self.fd = Path(out), None
+        self.out, self.fd, self.created = Path(out), None, False
 
     def acquire(self) -> None:
         """Create ``out`` if needed and lock it, or refuse naming the PID of the trainer that holds it."""
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"--out {self.out}: is a file; a run folder is a folder (choose another --out)")
+        self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             return
@@ -65,12 +68,18 @@ class RunLock:
         except OSError:
             return "unknown"
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Unlock; after a ``failed`` run, remove ``out`` again if this lock created it and it stayed empty."""
         if self.fd is None:
             return
         pid_file = self.out / PID_FILE
         if self._holder() == str(os.getpid()):
             pid_file.unlink(missing_ok=True)  # ours: we still hold the lock, nobody else can have written it
+        if failed and self.created:
+            try:
+                self.out.rmdir()  # only an empty folder: a refused run leaves no trace
+            except OSError:
+                pass
         os.close(self.fd)  # closing the descriptor drops the flock
         self.fd = None
 
