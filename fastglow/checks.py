@@ -40,6 +40,21 @@ def check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, 
             raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        check_triton_possible()
+
+
+def check_triton_possible() -> None:
+    """backend="triton" needs the triton package and a CUDA device, or TRITON_INTERPRET=1 (CPU tensors):
+    refused when the model is built, not at its second forward."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed; use backend='auto'")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on the "
+                         "CPU), and there is none here; use backend='auto' or 'eager'")
 
 
 def check_execution_options(autocast_dtype, channels_last, validate, mix_precision="ieee") -> None:

@@ -83,10 +83,14 @@ class Glow(reference.Glow):
             return self._forward(x, y)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None):
-        if not self.actnorm_initialized():
-            # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
-            return super().forward(x, y)
         backend = select_backend(self.backend, x, self.mix_precision)
+        if not self.actnorm_initialized():
+            # ActNorm's data-dependent init needs each step's input: the first batch runs eagerly, keeping no
+            # activations; with grad, it then runs again below (the backend, reversible) like every later one.
+            with torch.no_grad():
+                first = super().forward(x, y)
+            if not torch.is_grad_enabled():
+                return first
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
