@@ -53,3 +53,17 @@ def test_item10_an_impossible_backend_is_refused_at_construction(monkeypatch):
             fastglow.Glow(1, 1, 2, hidden_channels=4, backend="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert fastglow.Glow(1, 1, 2, hidden_channels=4, backend="triton").backend == "triton"
+
+
+def test_item11_numpy_scalars_are_accepted_and_a_fresh_classify_warns():
+    model = fastglow.Glow(1, 1, 2, affine=np.bool_(True), conv_lu=np.bool_(False), hidden_channels=4,
+                          n_classes=4)
+    assert model.blocks[0].flows[0].coupling.affine is True  # a Python bool, as rosinality's
+    x = torch.rand(2, 1, 8, 8) - 0.5
+    with pytest.warns(RuntimeWarning, match="ActNorm layers are not initialised"):
+        model.classify(x)
+    assert model.sample(3, y=np.int64(3), img_size=8).shape == (3, 1, 8, 8)  # as an int does
+    with pytest.raises(TypeError, match="affine must be a bool, got str"):
+        fastglow.Glow(1, 1, 2, affine="yes")
+    with pytest.raises(TypeError, match="got numpy.float64"):
+        fastglow.Glow(1, 1, 2, reversible=np.float64(1))

@@ -90,3 +90,34 @@ def test_item9_outputs_refused_leave_nothing_behind(ckpt, tmp_path):
     assert_one_line_error(run, "missing")
     assert not new.exists()  # a refused run leaves no empty --out folder
     assert folder_state(tmp_path) == before
+
+
+def test_item11_messages_name_the_problem(ckpt, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import torch
+
+    from fastglow.app import data
+    from fastglow.app.cli import main
+
+    state = dict(ckpt_io.load_training_checkpoint(ckpt)["model"])
+    del state["classifier.bias"]
+    torch.save(state, tmp_path / "cut.pt")
+    run = run_cli("sample", "--ckpt", tmp_path / "cut.pt", "--out", tmp_path / "s.png")
+    assert_one_line_error(run, "cut.pt", "Missing key(s)", "classifier.bias")  # the detail, not only a header
+    run = run_cli("eval", "--ckpt", ckpt, "--n-bits", "8")
+    err = assert_one_line_error(run, "digits' 17 levels", "--n-bits 8")
+    assert "None" not in err
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert_one_line_error(run_cli("train", "--out", afile, *TINY_FLAGS), "afile", "is a file")
+    assert afile.read_text() == "mine"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write() raises it: no file name
+
+    monkeypatch.setattr(data, "save_image_grid", disk_full)
+    capsys.readouterr()
+    assert main(["sample", "--ckpt", str(ckpt), "--n", "2", "--out", str(tmp_path / "full.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and "full.png" in err and len(err.splitlines()) == 1

@@ -370,7 +370,9 @@ def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_
         raise InputError(f"{path}: the model takes {info['in_channel']}x{info['img_size']}x{info['img_size']} "
                          "images, the digits are 1x8x8")
     if config and n_bits not in (None, config.get("n_bits")):
-        raise InputError(f"{path}: the model was trained with --n-bits {config.get('n_bits')}")
+        trained = (f"on the digits' {DIGITS_LEVELS} levels (--n-bits does not apply)"
+                   if config.get("n_bits") is None else f"with --n-bits {config.get('n_bits')}")
+        raise InputError(f"{path}: the model was trained {trained}, not --n-bits {n_bits}")
     n_bits = n_bits if n_bits is not None else config.get("n_bits")
     levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
                                   None if data == "digits" else info["in_channel"], n_bits, npz_key)

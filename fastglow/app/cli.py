@@ -16,7 +16,7 @@ import torch
 
 from .. import __version__, z_shapes
 from . import flags
-from .errors import InputError, TrainingError
+from .errors import InputError, TrainingError, one_line
 from .limits import DECODE_BATCH, check_grid
 
 
@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastglow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. --out not writable: the message names the path
-        print(f"fastglow {args.command}: error: {err}", file=sys.stderr)
+        where = "" if err.filename or not getattr(args, "out", None) else f" (writing {args.out})"
+        print(f"fastglow {args.command}: error: {one_line(err)}{where}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"fastglow {args.command}: stopped: {err}", file=sys.stderr)
