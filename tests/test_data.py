@@ -1,12 +1,15 @@
 """Data sets (digits, image folders, .npz), quantisation, batches and PNG grids."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastglow.app.data import (DIGITS_LEVELS, ShuffledBatches, bin_centres, dequantize, image_grid, load_dataset,
-                               load_digits, to_levels, to_pixels)
+from fastglow.app.data import (DIGITS_LEVELS, bin_centres, dequantize, image_grid, load_dataset, load_digits,
+                               to_levels, to_pixels)
+from fastglow.app.sampler import StepBatches
 from fastglow.app.errors import InputError
 
 
@@ -92,17 +95,25 @@ def test_pixels_round_trip_to_levels(n_bins):
     assert torch.equal(to_levels(pixels, n_bins), levels)
 
 
-def test_shuffled_batches_resume_exactly():
-    a = ShuffledBatches(10, 4, torch.Generator().manual_seed(0))
-    [a.next() for _ in range(3)]  # crosses an epoch (2 full batches per epoch)
-    state, gen_state = a.state_dict(), a.generator.get_state()
-    expected = [a.next() for _ in range(5)]
-    b = ShuffledBatches(10, 4, torch.Generator())
-    b.load_state_dict(state)
-    b.generator.set_state(gen_state)
-    assert all(torch.equal(x, y) for x, y in zip(expected, (b.next() for _ in range(5))))
+def test_step_batches_are_epochs_of_permutations_sharded_by_rank_and_resume_anywhere():
+    whole = StepBatches(10, 4, seed=3)
+    stream = [whole.global_batch(k) for k in range(6)]  # 2 full batches per epoch: 3 epochs
+    for epoch in range(3):
+        seen = torch.cat(stream[2 * epoch:2 * epoch + 2])
+        assert seen.unique().numel() == 8 and seen.max() < 10  # no repeats within an epoch
+    assert not torch.equal(stream[0], stream[2])  # a new permutation each epoch
+    ranks = [StepBatches(10, 4, seed=3, rank=r, world=2, start=1) for r in range(2)]
+    shares = [list(itertools.islice(iter(s), 5)) for s in ranks]
+    for k in range(5):  # the ranks' shares are the global batch's two halves, in order
+        assert shares[0][k] + shares[1][k] == stream[k + 1].tolist()
+    resumed = StepBatches(10, 4, seed=3, start=4)
+    assert next(iter(resumed)) == stream[4].tolist()
+    state = whole.state_dict(5)
+    assert (state["epoch"], state["position"]) == (2, 1) and whole.check_state(state, "ckpt") == 5
+    with pytest.raises(InputError, match="changed since"):
+        StepBatches(12, 4, seed=3).check_state(state, "ckpt")
     with pytest.raises(InputError, match="fewer than --batch"):
-        ShuffledBatches(3, 4, torch.Generator())
+        StepBatches(3, 4, seed=0)
 
 
 def test_image_grid_layout():

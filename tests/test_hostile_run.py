@@ -117,7 +117,9 @@ def test_item3_the_kept_state_is_exactly_the_newest_one_whose_loss_was_finite(tm
     for key in ("model", "data"):
         torch.testing.assert_close(kept[key], reference_state[key], rtol=0, atol=0)
     torch.testing.assert_close(kept["optimizer"]["state"], reference_state["optimizer"]["state"], rtol=0, atol=0)
-    torch.testing.assert_close(kept["rng"]["data"], reference_state["rng"]["data"], rtol=0, atol=0)
+    # the data order and its noise are functions of (seed, step), in "data" above; the global RNGs too
+    torch.testing.assert_close(kept["rng"]["torch"], reference_state["rng"]["torch"], rtol=0, atol=0)
+    assert kept["rng"]["numpy"]["pos"] == reference_state["rng"]["numpy"]["pos"]
     assert kept["step"] == 3 and _steps(diverged) == [3]
 
 

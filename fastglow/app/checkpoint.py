@@ -7,8 +7,9 @@ A training checkpoint is a dict readable with ``torch.load(f, weights_only=True)
     model    Glow.state_dict() with rosinality's keys (no "module." prefix): rosinality's code can
              ``model.load_state_dict(ckpt["model"])``
     optimizer, step, elapsed (training seconds so far), config (the run's TrainConfig as a dict)
-    rng      torch CPU, CUDA (all devices), numpy, python ``random`` and the data-order generator
-    data     the data-order stream (current permutation and position)
+    rng      torch CPU, CUDA (all devices), numpy, python ``random``
+    data     the data order's position (next batch, its epoch and position, seed, split size, batch) and the
+             training images found unreadable (``bad_images``, positions in the split)
 
 Written to ``<out>/checkpoints/step_<step>.pt`` as temp file in the same folder -> flush -> fsync -> rename
 (``os.replace`` is atomic), then the folder is fsynced: a crash leaves the old file or the new one, never half
@@ -233,8 +234,9 @@ def _step_of(record: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 # Random number generators
 # ----------------------------------------------------------------------------------------------
-def capture_rng(data_generator: torch.Generator) -> dict:
-    """Every RNG a run touches, as tensors/lists (loadable with weights_only=True)."""
+def capture_rng() -> dict:
+    """Every global RNG, as tensors/lists (loadable with weights_only=True); the data order and the
+    dequantisation noise need none (:mod:`fastglow.app.sampler` derives them from the seed and the step)."""
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
     return {
@@ -243,11 +245,10 @@ def capture_rng(data_generator: torch.Generator) -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "data": data_generator.get_state(),
     }
 
 
-def restore_rng(state: dict, data_generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -256,7 +257,6 @@ def restore_rng(state: dict, data_generator: torch.Generator) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    data_generator.set_state(state["data"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .data import bin_centres, split_dataset
+from .datasets import take
 from .errors import InputError
 
 
@@ -45,11 +46,13 @@ def resolve_class(text: str, names: list[str] | None, n_classes: int, flag: str)
 def classification_accuracy(model, levels: torch.Tensor, labels: torch.Tensor, n_bins: int, batch: int,
                             device) -> float:
     """Share of images whose ``model.classify`` argmax is their label (images at their bins' centres)."""
-    correct = 0
+    correct = total = 0
     for start in range(0, levels.shape[0], batch):
-        x = bin_centres(levels[start:start + batch], n_bins).to(device)
-        correct += int((model.classify(x).argmax(1).cpu() == labels[start:start + batch]).sum())
-    return correct / levels.shape[0]
+        chunk, chunk_labels = take(levels, labels, start, start + batch)
+        x = bin_centres(chunk, n_bins).to(device)
+        correct += int((model.classify(x).argmax(1).cpu() == chunk_labels).sum())
+        total += chunk.shape[0]
+    return correct / max(total, 1)
 
 
 @torch.no_grad()

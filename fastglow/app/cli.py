@@ -23,7 +23,8 @@ from .errors import InputError, TrainingError
 def _add_data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'digits' (scikit-learn's 8x8 digits, 17 levels; the default for train), "
-                                  "a folder of images, or an .npz of uint8 images")
+                                  "a folder of images, an LMDB folder (rosinality's layout), or an .npy "
+                                  "(memory-mapped; see fastglow prepare) or .npz of uint8 images")
     g.add_argument("--img-size", type=flags.positive_int, help="resize the shorter side to this and centre-crop "
                                                           "(folders: 64; .npz: native size)")
     g.add_argument("--channels", type=flags.channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
@@ -79,6 +80,12 @@ def _add_train_command(sub) -> None:
     g = _add_data_flags(t)
     g.add_argument("--test-fraction", type=flags.open_fraction, help="held-out share (digits 0.2, else 0.1)")
     g.add_argument("--split-seed", type=int, help="seed of the train/held-out split (default 0)")
+    g.add_argument("--workers", type=flags.non_negative_int,
+                   help="DataLoader processes per training process that decode images (default: the cores "
+                        "less one, shared by the processes, at most 8; 0 for data in memory)")
+    g.add_argument("--max-bad-images", type=flags.fraction,
+                   help=f"stop when more than this share of the training images proves unreadable "
+                        f"(default {C.max_bad_images:g}; fewer are skipped, counted and logged)")
     _add_shape_flags(t, defaults=C)
     c = t.add_argument_group("classes")
     c.add_argument("--conditional", action="store_const", const=True,

@@ -48,6 +48,8 @@ class TrainConfig:
     progress: bool = True
     threads: int | None = None
     cuda_graph: bool = False
+    workers: int | None = None  # DataLoader processes per training process (None: from the cores; 0: none)
+    max_bad_images: float = 0.001  # stop when more than this share of the training images is unreadable
     n_bins: int | None = None
     conditional: bool = False  # class-conditional: y-conditioned top prior and auxiliary classifier
     class_weight: float = 0.01  # weight of the classifier's cross-entropy (bits) in the loss

@@ -74,6 +74,13 @@ def n_bits(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:

@@ -42,12 +42,14 @@ from . import checkpoint as ckpt_io
 from . import guard, runfolder
 from .config import TrainConfig, resolve_config
 from .classes import class_grid_labels, classification_accuracy, split_labels
-from .data import ShuffledBatches, dequantize, load_labels, load_split, save_image_grid
-from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, pick_backend,
-                          setup_distributed, shard, teardown, wrap_model)
+from .data import load_labels, load_split, save_image_grid
+from .datasets import Split
+from .distributed import (Dist, all_gather_objects, all_reduce_sum, broadcast_object, parameters_agree,
+                          pick_backend, setup_distributed, teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError, one_line
 from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
 from .progress import progress
+from .sampler import TrainData
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,12 +60,11 @@ class RunState:
     """Everything a run carries from step to step (a checkpoint holds what a resume needs of it)."""
     cfg: TrainConfig
     dist: Dist
-    train_set: torch.Tensor  # uint8 levels
-    test_set: torch.Tensor
+    train_set: Split  # uint8 levels
+    test_set: Split
     model: Glow
     optimizer: torch.optim.Optimizer
-    data_gen: torch.Generator  # the data order and the dequantisation noise
-    batches: ShuffledBatches
+    data: TrainData  # the data order, the loader, the dequantisation noise, the unreadable images met
     log: ckpt_io.MetricsLog
     net: torch.nn.Module | None = None  # the model, in DistributedDataParallel under torchrun
     z_sample: list[torch.Tensor] = dataclasses.field(default_factory=list)  # latents of every sample grid
@@ -90,12 +91,6 @@ class RunState:
     @property
     def out(self) -> Path:
         return Path(self.cfg.out)
-
-    def next_global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(images, their labels or None) of the next global batch."""
-        idx = self.batches.next()
-        labels = None if self.train_labels is None else self.train_labels[idx]
-        return dequantize(self.train_set[idx], self.cfg.n_bins, self.data_gen), labels
 
 
 def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = False,
@@ -140,7 +135,7 @@ def _load_class_labels(cfg: TrainConfig, n_images: int):
 def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     """The data, and a seeded model, optimizer and data order at step 0 (before ActNorm's init or a resume)."""
     train_set, test_set = load_split(cfg, dist.world)
-    train_labels, test_labels = _load_class_labels(cfg, train_set.shape[0] + test_set.shape[0])
+    train_labels, test_labels = _load_class_labels(cfg, len(train_set) + len(test_set))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -148,12 +143,11 @@ def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     random.seed(cfg.seed)
     model = build_model(cfg).to(dist.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    batches = ShuffledBatches(train_set.shape[0], cfg.batch, data_gen)
+    data = TrainData(train_set, train_labels, cfg, dist)
     log = ckpt_io.MetricsLog(Path(cfg.out) / "metrics.jsonl", dist.main)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log,
+    return RunState(cfg, dist, train_set, test_set, model, optimizer, data, log,
                     train_labels=train_labels, test_labels=test_labels)
 
 
@@ -164,8 +158,8 @@ def _restore(state: RunState, path: str, ckpt: dict) -> None:
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: does not fit the run's model ({err})") from None
-    state.batches.load_state_dict(ckpt["data"])
-    ckpt_io.restore_rng(ckpt["rng"], state.data_gen)
+    state.data.load_state_dict(ckpt["data"], path)
+    ckpt_io.restore_rng(ckpt["rng"])
     state.step, state.elapsed, state.skipped = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("skipped", 0)
     state.resumed_from, state.run_id, state.saved_step = path, ckpt.get("run_id"), state.step
     state.log.truncate_after(state.step)
@@ -179,11 +173,12 @@ def _initialise(state: RunState, resume: bool) -> None:
     if resume and state.dist.main:
         print(f"no checkpoint in {state.out}: starting a new run", file=sys.stderr)
     state.run_id = broadcast_object(uuid.uuid4().hex, state.dist)
-    x, y = state.next_global_batch()
+    x, y = state.data.first_batch()
     with torch.no_grad():
-        state.model(x.to(state.dist.device), None if y is None else y.to(state.dist.device))
+        state.model(x, y)
     state.log.write(event="start", step=0, config=dataclasses.asdict(state.cfg), world_size=state.dist.world,
-                    n_train=state.train_set.shape[0], n_test=state.test_set.shape[0], run_id=state.run_id)
+                    n_train=len(state.train_set), n_test=len(state.test_set), run_id=state.run_id,
+                    workers=state.data.workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,9 +189,7 @@ def train_step(state: RunState) -> tuple[float, float]:
     non-finite) -> (learning rate, gradient norm)."""
     cfg, dist = state.cfg, state.dist
     before = _resumable_extra(state)  # the state these weights belong to, should their loss prove finite
-    x, y = state.next_global_batch()
-    x = shard(x, dist).to(dist.device, non_blocking=True)
-    y = None if y is None else shard(y, dist).to(dist.device, non_blocking=True)
+    x, y, bad = state.data.batch(state.step + 1)
     state.step += 1
     lr = learning_rate(cfg, state.step)
     for group in state.optimizer.param_groups:
@@ -207,9 +200,10 @@ def train_step(state: RunState) -> tuple[float, float]:
     except torch.linalg.LinAlgError as err:  # the reversible backward inverts the 1x1 convolutions
         _diverge(state, f"the model stopped being invertible at step {state.step} ({one_line(err)})")
     stats = torch.stack([loss.detach().float(), gradient_norm(state.model.parameters()).float().to(loss.device),
-                         guard.lu_log_scale_max(state.model).float().to(loss.device)])
+                         guard.lu_log_scale_max(state.model).float().to(loss.device),
+                         torch.tensor(float(len(bad) * dist.world), device=loss.device)])
     stats = all_reduce_sum(stats, dist) / dist.world  # gradients (hence their norm) already agree across ranks
-    train_bpd, grad_norm, log_scale = stats.tolist()
+    train_bpd, grad_norm, log_scale, n_bad = stats.tolist()
     if not log_scale < guard.MAX_LOG_SCALE:
         _diverge(state, f"a 1x1 convolution became singular by step {state.step} (|log scale| {log_scale:.3g})")
     if np.isfinite(train_bpd) and np.isfinite(grad_norm):
@@ -219,6 +213,8 @@ def train_step(state: RunState) -> tuple[float, float]:
         state.window.append(train_bpd)
     else:
         _skip_step(state, train_bpd, grad_norm)
+    if n_bad:
+        _bad_images(state, bad)
     state.elapsed = time.perf_counter() - state.started
     return lr, grad_norm
 
@@ -248,6 +244,25 @@ def _skip_step(state: RunState, train_bpd: float, grad_norm: float) -> None:
                         "with them")
 
 
+def _bad_images(state: RunState, bad: list[tuple[int, str]]) -> None:
+    """Log the unreadable images of this step's global batch (every rank's, gathered), warn once per image,
+    and stop the run when more than ``max_bad_images`` of the training split has proved unreadable."""
+    found = [item for part in all_gather_objects(bad, state.dist) for item in part]
+    new = [(j, why) for j, why in found if j not in state.data.bad]
+    state.data.bad.update(j for j, _ in found)
+    names = [state.train_set.describe(j) for j, _ in found]
+    if state.dist.main:
+        for j, why in new:
+            print(f"fastglow: warning: skipped an unreadable image: {why}", file=sys.stderr)
+    total, n = len(state.data.bad), len(state.train_set)
+    state.log.write(event="bad_images", step=state.step, files=names, reasons=[why for _, why in found],
+                    bad_images_total=total)
+    if total > state.cfg.max_bad_images * n:
+        _diverge(state, f"{total} of the {n} training images are unreadable, more than --max-bad-images "
+                        f"{state.cfg.max_bad_images:g} of them (the latest: {found[-1][1]})",
+                 hint="fix or remove them, then --resume (or raise --max-bad-images)")
+
+
 def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:
     """Advance the progress bar; every ``log_every`` steps, one "train" line with the mean bits/dim since the last
     (and, with reversible backprop, each level's relative reconstruction error of the step and the fallbacks)."""
@@ -256,10 +271,12 @@ def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:
     if state.window:
         bar.set_postfix_str(f"bpd={state.window[-1]:.3f} lr={lr:.2e}"
                             + (f" rec={max(rec['reconstruction_error'], key=float):.1e}" if rec else "")
-                            + (f" test={state.test_bpd:.3f}" if state.test_bpd else ""), refresh=False)
+                            + (f" test={state.test_bpd:.3f}" if state.test_bpd else "")
+                            + (f" bad={len(state.data.bad)}" if state.data.bad else ""), refresh=False)
     if state.step % state.cfg.log_every == 0 and state.window:
         state.log.write(event="train", step=state.step, train_bpd=float(np.mean(state.window)), lr=lr,
-                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped, **rec)
+                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped,
+                        bad_images_total=len(state.data.bad), **rec)
         state.window = []
 
 
@@ -314,7 +331,7 @@ def save(state: RunState) -> None:
 def _resumable_extra(state: RunState) -> dict:
     """What a checkpoint holds besides the weights and the optimizer: step, counters, RNGs, data order."""
     return {"step": state.step, "elapsed": state.elapsed, "skipped": state.skipped, "test_bpd": state.test_bpd,
-            "rng": ckpt_io.capture_rng(state.data_gen), "data": state.batches.state_dict()}
+            "rng": ckpt_io.capture_rng(), "data": state.data.state_dict(state.step + 1)}
 
 
 def _write_checkpoint(state: RunState, tensors: dict, extra: dict) -> None:
@@ -332,7 +349,7 @@ def _unsound(state: RunState) -> str | None:
     a few sample latents), or None; the same answer on every rank."""
     cfg, dist = state.cfg, state.dist
     labels = None if state.test_labels is None else state.test_labels[:cfg.batch]
-    bpd = evaluate(state.model, state.test_set[:cfg.batch], cfg.n_bins, cfg.eval_batch, cfg.seed, dist, labels)
+    bpd = evaluate(state.model, state.test_set.head(cfg.batch), cfg.n_bins, cfg.eval_batch, cfg.seed, dist, labels)
     if not math.isfinite(bpd):
         return f"the held-out bits/dim is {bpd}"
     y = None if state.y_sample is None else state.y_sample[:4].to(dist.device)
@@ -340,9 +357,10 @@ def _unsound(state: RunState) -> str | None:
     return broadcast_object(why, dist)
 
 
-def _diverge(state: RunState, reason: str):
+def _diverge(state: RunState, reason: str, hint: str = "try a lower --lr or a longer --warmup"):
     """Stop the run: keep the newest state whose training loss was finite (if sound and newer than the last
     checkpoint), log it, and raise a one-line TrainingError naming the checkpoint to resume from."""
+    state.data.close()
     good = state.last_good
     if good.step is not None and good.step > state.saved_step:
         state.model.load_state_dict(good.tensors["model"])
@@ -351,7 +369,7 @@ def _diverge(state: RunState, reason: str):
             _write_checkpoint(state, good.tensors, good.extra)
     kept = state.checkpoint or state.resumed_from
     state.log.write(event="stop", step=state.step, reason=reason, checkpoint=kept)
-    raise TrainingError(f"{reason} (last checkpoint: {kept or 'none'}); try a lower --lr or a longer --warmup")
+    raise TrainingError(f"{reason} (last checkpoint: {kept or 'none'}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -388,6 +406,7 @@ def run(state: RunState) -> dict:
             save(state)
             last_ckpt = state.step
     bar.close()
+    state.data.close()
     if last_eval != state.step or state.test_bpd is None:
         evaluate_and_sample(state)
     if last_ckpt != state.step:
