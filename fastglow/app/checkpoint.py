@@ -286,7 +286,6 @@ def infer_shape(state_dict: dict, path) -> dict:
                         if n_block > 1 and permutation == "conv" else None)}
 
 
-
 def _n_classes(state_dict: dict, path) -> int | None:
     """A class-conditional model's class count, read off class_prior.weight (2 C_top, n_classes); else None."""
     weight = state_dict.get("class_prior.weight")
