@@ -41,7 +41,9 @@ def fixed_permutation(permutation: str, channels: int, generator: torch.Generato
     if permutation == "reverse":
         return ChannelPermutation(torch.arange(channels - 1, -1, -1))
     if permutation == "shuffle":
-        return ChannelPermutation(torch.randperm(channels, generator=generator))
+        # drawn by the CPU generator (the same permutation on every device), kept on the default device
+        perm = torch.randperm(channels, generator=generator, device="cpu")
+        return ChannelPermutation(perm.to(torch.get_default_device()))
     raise ValueError(f"a fixed permutation is 'shuffle' or 'reverse', got {permutation!r}")
 
 

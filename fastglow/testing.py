@@ -140,3 +140,62 @@ def folder_state(root) -> dict:
 
     root = Path(root)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets and run folders
+# ----------------------------------------------------------------------------------------------
+def write_image_folder(root, n: int, size: int = 8, mode: str = "RGB", seed: int = 0, ext: str = "png",
+                       classes: int = 0) -> list:
+    """``n`` random images of ``size`` x ``size`` under ``root`` (in ``classes`` subfolders c0, c1, ... when
+    given) -> their paths in the data set's (sorted) order."""
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        folder = Path(root) / (f"c{i % classes}" if classes else "")
+        folder.mkdir(parents=True, exist_ok=True)
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        path = folder / f"{i:05d}.{ext}"
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+        paths.append(path)
+    return sorted(paths)
+
+
+def truncate_image(path, keep: int = 60) -> None:
+    """Cut an image file after ``keep`` bytes: its header still opens, its pixels no longer decode."""
+    from pathlib import Path
+
+    Path(path).write_bytes(Path(path).read_bytes()[:keep])
+
+
+def metrics_events(out, kind: str | None = None) -> list[dict]:
+    """The records of ``out/metrics.jsonl`` (of one ``event`` kind if given)."""
+    import json
+    from pathlib import Path
+
+    lines = (json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines())
+    return [e for e in lines if kind is None or e["event"] == kind]
+
+
+def write_lmdb(path, n: int, sizes=(8,), seed: int = 0) -> None:
+    """An LMDB in rosinality's layout (stylegan2-pytorch prepare_data.py): for each size S and image i, key
+    f"{S}-{i:05d}" -> JPEG bytes of an S x S RGB image; key "length" -> n."""
+    import io
+
+    import lmdb
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    with lmdb.open(str(path), map_size=1 << 26) as env, env.begin(write=True) as txn:
+        for i in range(n):
+            for size in sizes:
+                buffer = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="jpeg")
+                txn.put(f"{size}-{str(i).zfill(5)}".encode(), buffer.getvalue())
+        txn.put(b"length", str(n).encode())

@@ -1,4 +1,4 @@
-"""The ``fastglow`` command: train, sample, eval, interpolate, morph.
+"""The ``fastglow`` command: train, sample, eval, interpolate, morph, prepare.
 
 Bad input (a missing/empty/unreadable data set, images smaller than --img-size, a corrupt checkpoint or one of
 another shape, or whose weights do not decode; a bad flag) ends with one line on stderr naming the file and the
@@ -18,6 +18,7 @@ from .. import __version__, z_shapes
 from ..permutation import PERMUTATIONS
 from . import flags
 from .errors import InputError, TrainingError
+from .prepare import add_prepare_command
 
 
 def _add_data_flags(p):
@@ -178,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution_flags(i)
     i.set_defaults(run=_interpolate)
     _add_morph_command(sub)
+    add_prepare_command(sub)
     return parser
 
 

@@ -139,18 +139,12 @@ class LmdbImages(ImageSet):
     def __init__(self, path: Path, n: int, size: int, channels: int, shift: int):
         super().__init__(str(path), n, channels, size, shift)
         self.path = path
-        self._env, self._pid = None, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_pid": None}
 
     def key(self, i: int) -> bytes:
         return f"{self.size}-{str(i).zfill(5)}".encode()
 
     def _get(self, key: bytes):
-        if self._pid != os.getpid():
-            self._env, self._pid = open_lmdb(self.path), os.getpid()
-        with self._env.begin(write=False) as txn:
+        with open_lmdb(self.path).begin(write=False) as txn:
             return txn.get(key)
 
     def pixels(self, i: int) -> np.ndarray:
@@ -165,8 +159,21 @@ class LmdbImages(ImageSet):
         return f"{self.path}[{self.key(i).decode()}]"
 
 
+_LMDB_ENVS: dict = {}  # (process id, path) -> environment: LMDB allows one per file and process
+
+
 def open_lmdb(path: Path):
-    """A read-only LMDB environment (no lock file: the data set is not written while training reads it)."""
+    """This process's read-only environment of the LMDB at ``path`` (opened on first use; no lock file: the
+    data set is not written while training reads it)."""
+    key = (os.getpid(), str(Path(path).resolve()))
+    if key not in _LMDB_ENVS:
+        for inherited in [k for k in _LMDB_ENVS if k[0] != key[0]]:  # a forked child never reads its parent's;
+            _LMDB_ENVS.pop(inherited).close()  # closed, or py-lmdb refuses to open the file again here
+        _LMDB_ENVS[key] = _open_lmdb(path)
+    return _LMDB_ENVS[key]
+
+
+def _open_lmdb(path: Path):
     try:
         import lmdb
     except ImportError:
@@ -306,8 +313,8 @@ def npy_layout(path: Path, shape: tuple, dtype) -> tuple[str, tuple[int, int, in
 
 
 def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int | None):
-    """A memory-mapped .npy (only its header is read now) -> (ArrayImages, n_bits); a prepared array's
-    metadata gives the default n_bits and refuses a finer one than it was stored at."""
+    """A memory-mapped .npy (only its header is read now) -> (ArrayImages, n_bits); n_bits None: 5, or fewer
+    if the array was prepared at fewer (its metadata), a finer one than that refused."""
     try:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as err:
@@ -316,25 +323,23 @@ def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int
     stored = prepared_meta(path).get("n_bits", 8)
     if n_bits is not None and n_bits > stored:
         raise InputError(f"{path}: prepared at --n-bits {stored}; it cannot be trained at --n-bits {n_bits}")
+    n_bits = min(5, stored) if n_bits is None else n_bits
     if img_size is None and native[1] != native[2]:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}; pass --img-size to centre-crop them square")
     size = img_size or native[1]
     if min(native[1:]) < size:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}, smaller than --img-size {size}")
-    n_bits = stored if n_bits is None else n_bits
     return ArrayImages(path, layout, native, size, channels or native[0], 8 - n_bits, array.shape[0]), n_bits
 
 
 def open_lmdb_set(path: Path, img_size: int | None, channels: int | None, shift: int) -> LmdbImages:
     """rosinality's LMDB: its ``length`` key and the first image (for the size and mode) read now."""
-    env = open_lmdb(path)
-    with env.begin(write=False) as txn:
+    with open_lmdb(path).begin(write=False) as txn:
         length = txn.get(b"length")
     try:
         n = int(length.decode())
     except (AttributeError, ValueError):
         raise InputError(f"{path}: not a rosinality-style LMDB (no integer 'length' key)") from None
-    env.close()
     if n <= 0:
         raise InputError(f"{path}: the LMDB holds no images (length {n})")
     size = img_size or 64

@@ -90,8 +90,11 @@ def make_loader(split, sampler: StepBatches, workers: int, pin: bool):
     item is (position, levels, reason), so a batch is (positions, levels (b, C, S, S), reasons). The workers'
     seeds come from a generator of its own: the global RNGs stay untouched (nothing in a worker draws)."""
     seeds = torch.Generator().manual_seed(derive_seed(sampler.seed, "workers", sampler.start))
+    from .runfolder import close_inherited_locks
+
     return torch.utils.data.DataLoader(split, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                                       prefetch_factor=4 if workers else None, generator=seeds)
+                                       prefetch_factor=4 if workers else None, generator=seeds,
+                                       worker_init_fn=close_inherited_locks)
 
 
 def fill_bad(levels: torch.Tensor, reasons: list[str]) -> tuple[torch.Tensor, list[int]]:
