@@ -85,6 +85,18 @@ class ChannelPermutation(nn.Module):
         return y[:, torch.argsort(self.perm)]
 
 
+def state_dict_permutation(state_dict: dict) -> str:
+    """The ``permutation`` of a Glow's state_dict: "conv" (no ``invconv.perm`` buffers), "reverse" (every one
+    reverses the channels), else "shuffle". A shuffle that happens to reverse every step reads as "reverse":
+    the same maths, and the buffers load either way."""
+    perms = [v for k, v in state_dict.items() if k.endswith(".invconv.perm")]
+    if not perms:
+        return "conv"
+    reverse = all(isinstance(p, torch.Tensor) and torch.equal(p.cpu(), torch.arange(p.numel() - 1, -1, -1))
+                  for p in perms)
+    return "reverse" if reverse else "shuffle"
+
+
 def _is_permutation(perm: torch.Tensor) -> bool:
     """perm is a 1-d integer tensor holding each of 0..numel-1 once."""
     if perm.dim() != 1 or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:

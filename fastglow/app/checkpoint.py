@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .. import Glow
+from ..permutation import state_dict_permutation
 from .data import DIGITS_LEVELS
 from .errors import CheckpointError, InputError, one_line
 
@@ -278,24 +279,13 @@ def infer_shape(state_dict: dict, path) -> dict:
     except (KeyError, ValueError, IndexError, AttributeError):
         raise CheckpointError(f"{path}: not a Glow state_dict (rosinality's keys blocks.<i>.flows.<k>... "
                               "are missing)") from None
-    permutation = _permutation(state_dict)
+    permutation = state_dict_permutation(state_dict)
     return {"in_channel": squeezed // 4, "n_flow": n_flow, "n_block": n_block, "hidden": net0.shape[0],
             "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path), "permutation": permutation,
             # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter);
             # nor for fixed permutations, which have no 1x1 conv
             "conv_lu": ("blocks.0.flows.0.invconv.w_p" in state_dict
                         if n_block > 1 and permutation == "conv" else None)}
-
-
-def _permutation(state_dict: dict) -> str:
-    """"conv" (no ``invconv.perm`` buffers), "reverse" (every one reverses the channels), else "shuffle". A
-    shuffle that happens to reverse every step reads as "reverse": the same maths, the buffers load either way."""
-    perms = [v for k, v in state_dict.items() if k.endswith(".invconv.perm")]
-    if not perms:
-        return "conv"
-    reversed_ = all(isinstance(p, torch.Tensor) and torch.equal(p.cpu(), torch.arange(p.numel() - 1, -1, -1))
-                    for p in perms)
-    return "reverse" if reversed_ else "shuffle"
 
 
 def _n_classes(state_dict: dict, path) -> int | None:
