@@ -60,8 +60,10 @@ def count_launches():
             cls.run = original
 
 
-def level_launches(backend: str, n_flow: int = 4, affine: bool = True, device: str = "cpu"):
-    """Launches per flow step of one level's forward and backward (plain autograd), for ``backend``."""
+def level_launches(backend: str, n_flow: int = 4, affine: bool = True, device: str = "cpu",
+                   permutation: str = "conv"):
+    """Launches per flow step of one level's forward and backward (plain autograd), for ``backend`` and the
+    step's ``permutation`` ("conv", "shuffle", "reverse")."""
     import fastglow
     from fastglow.backends import select_backend
     from fastglow.ops import coupling_net_raw
@@ -69,7 +71,7 @@ def level_launches(backend: str, n_flow: int = 4, affine: bool = True, device: s
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8, device=device) - 0.5
     model = initialized_model(fastglow.Glow(3, n_flow, 1, affine=affine, hidden_channels=16, backend=backend,
-                                            reversible=False).to(device), x, sigma=0.1)
+                                            reversible=False, permutation=permutation).to(device), x, sigma=0.1)
     flows = model.blocks[0].flows
     steps = select_backend(backend, x)
     xs = steps.squeeze(x).requires_grad_()

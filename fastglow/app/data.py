@@ -13,8 +13,9 @@ A data set is a map-style set of uint8 quantisation *levels* (C, H, W) in [0, n_
 The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
 
 Class labels (class-conditional runs, :func:`load_labels`): the digits' own 0..9; a folder's first-level
-subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,); a prepared
-.npy's ``X.labels.npy`` (names in ``X.json``).
+subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,), whose values
+present, in increasing order, are the classes (ids 0, 1, ..., named by their value); a prepared .npy's
+``X.labels.npy`` (names in ``X.json``).
 """
 
 from __future__ import annotations
@@ -255,14 +256,18 @@ def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
     if loose:
         raise InputError(f"{loose[0]}: an image outside the class subfolders; a class-conditional run takes "
                          f"one subfolder of {root} per class")
+    from .classes import warn_empty_class_folders
+
     classes = [f.relative_to(root).parts[0] for f in files]
     names = sorted(set(classes))
+    warn_empty_class_folders(root, names)
     ids = {name: k for k, name in enumerate(names)}
     return torch.tensor([ids[c] for c in classes], dtype=torch.int64), names
 
 
 def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """The integer array ``labels`` (N,) of an .npz, values >= 0; class k is named "k", n_classes = max + 1."""
+    """The integer array ``labels`` (N,) of an .npz, values >= 0; the classes are the values present
+    (:func:`fastglow.app.classes.labels_present`)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             if NPZ_LABELS_KEY not in archive.files:
@@ -278,8 +283,9 @@ def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
                          f"of shape {labels.shape}")
     if labels.size and labels.min() < 0:
         raise InputError(f"{path}: {NPZ_LABELS_KEY!r} holds a negative class id ({labels.min()})")
-    n_classes = int(labels.max()) + 1 if labels.size else 0
-    return torch.from_numpy(labels.astype(np.int64)), [str(k) for k in range(n_classes)]
+    from .classes import labels_present
+
+    return labels_present(labels.astype(np.int64))
 
 
 def npy_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
@@ -294,7 +300,11 @@ def npy_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
         raise InputError(f"{labels_path}: cannot read labels ({one_line(err)})") from None
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
         raise InputError(f"{labels_path}: expected a 1-D array of class ids >= 0")
-    names = datasets.prepared_meta(path).get("classes") or [str(k) for k in range(int(labels.max()) + 1)]
+    names = datasets.prepared_meta(path).get("classes")
+    if not names:
+        from .classes import labels_present
+
+        return labels_present(labels.astype(np.int64))
     return torch.from_numpy(labels.astype(np.int64)), list(names)
 
 
@@ -352,8 +362,12 @@ def save_png(chw: np.ndarray, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0)))
     tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave the temporary file behind
+        raise
 
 
 def save_image_grid(x: torch.Tensor, path, n_bins: int, nrow: int | None = None, zoom: int = 1) -> None:
