@@ -1,6 +1,6 @@
 """Benchmark set-up. On CUDA the real shapes run; on CPU (Triton interpreter) tiny ones, as a smoke test.
 
-    pytest benchmarks/ --benchmark-json=bench.json      # then: python benchmarks/report.py bench.json
+    pytest benchmarks/ --benchmark-json=bench.json      # then: python -m benchmarks.suites.report bench.json
 """
 
 import os

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fastglow
-from benchmarks.gpu_measure import training_step
+from benchmarks.gpu_run.measure import training_step
 from fastglow.testing import HostSyncDetector, initialized_model
 
 

@@ -7,7 +7,7 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.bench_memory import measure_step_memory
+from benchmarks.suites.bench_memory import measure_step_memory
 import fastglow
 from fastglow.backends import EagerSteps
 from fastglow.reversible import reversible_steps

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastglow
-from benchmarks.bench_memory import level_tensor_mb, measure_step_memory
+from benchmarks.suites.bench_memory import level_tensor_mb, measure_step_memory
 from fastglow import reference
 from fastglow.backends import EagerSteps, select_backend
 from fastglow.level_backward import level_backward, parameter_slots

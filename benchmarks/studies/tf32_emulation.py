@@ -11,7 +11,7 @@ with float32 accumulation; products of two TF32 numbers are exact in float32, so
 rounded parts reproduces the tensor-core maths up to the order of the sums. :func:`mix_precision` swaps
 every 1x1 conv of the eager model (forward, reverse and their gradients) for such a product.
 
-    python -m benchmarks.tf32_emulation          # the numbers in benchmarks/RESULTS.md
+    python -m benchmarks.studies.tf32_emulation          # the numbers in benchmarks/RESULTS.md
 """
 
 from __future__ import annotations

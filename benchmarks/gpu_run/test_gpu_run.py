@@ -1,4 +1,4 @@
-"""The one-command GPU run (benchmarks/gpu_run.py) as a CPU smoke test: at tiny shapes, within its budget, every
+"""The one-command GPU run (benchmarks/gpu_run/) as a CPU smoke test: at tiny shapes, within its budget, every
 phase must produce its numbers (checked here from the JSON, not only from the run's own verdict); and the runner
 stops a phase that overruns its budget, keeping the others."""
 
@@ -15,11 +15,11 @@ import pytest
 
 import torch
 
-from benchmarks import gpu_run
-from benchmarks.gpu_measure import SCALES, measure_training
-from benchmarks.gpu_phases import largest_batch
+from benchmarks import ROOT
+from benchmarks.gpu_run import runner as gpu_run
+from benchmarks.gpu_run.measure import SCALES, measure_training
+from benchmarks.gpu_run.phases import largest_batch
 
-REPO = Path(__file__).resolve().parents[1]
 SMOKE_BUDGET_S = 85
 
 
@@ -31,7 +31,7 @@ def _run(out, budget: float, *flags):
     """The command in a fresh process, as a user runs it (it decides TRITON_INTERPRET itself)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", "--out", str(out), "--scale", "cpu",
-                           "--budget", str(budget), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                           "--budget", str(budget), *flags], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=budget + 30)
 
 

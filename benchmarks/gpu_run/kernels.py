@@ -1,6 +1,6 @@
 """The kernels phase of the one-command GPU run (:mod:`benchmarks.gpu_run`): each fused kernel's time at the
 squeezed levels of a 256^2 image, its achieved bandwidth against a device-to-device copy of the same size, the
-eager op sequence it replaces, and the static cost model's prediction where ``benchmarks/cost_model.py`` exists.
+eager op sequence it replaces, and the static cost model's prediction where ``benchmarks/studies/cost_model.py`` exists.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 import fastglow
-from benchmarks.gpu_measure import attempt, time_kernel
+from benchmarks.gpu_run.measure import attempt, time_kernel
 
 
 def _kernel_operands(shape, device, affine=True, seed=0):
@@ -65,10 +65,10 @@ def _kernel_cases(shape, device):
 
 
 def cost_model_ms(kernel: str, shape) -> float | None:
-    """The static cost model's predicted milliseconds, where ``benchmarks/cost_model.py`` (another branch)
+    """The static cost model's predicted milliseconds, where ``benchmarks/studies/cost_model.py`` (another branch)
     offers ``predict_ms(kernel, shape, dtype)``; None otherwise."""
     try:
-        from benchmarks import cost_model
+        from benchmarks.studies import cost_model
         return float(cost_model.predict_ms(kernel, tuple(shape), "float32"))
     except Exception:  # absent, another interface, or no prediction for this kernel: the column says n/a
         return None

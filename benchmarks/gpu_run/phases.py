@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 import fastglow
-from benchmarks.gpu_kernels import phase_kernels  # noqa: F401  (a phase, found by name)
-from benchmarks.gpu_measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, attempt, build, device_of, free_memory,
+from benchmarks import ROOT
+from benchmarks.gpu_run.kernels import phase_kernels  # noqa: F401  (a phase, found by name)
+from benchmarks.gpu_run.measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, attempt, build, device_of, free_memory,
                                     measure_training, sync, time_steps, training_step)
 from fastglow.testing import max_rel_error, models_on_one_state, rel_error
 
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 class Recorder:
@@ -97,7 +97,7 @@ def phase_env(ctx: PhaseContext) -> None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              timeout=5)
         return out.stdout.strip() or "unknown (no git)"
     except (OSError, subprocess.SubprocessError):
@@ -114,7 +114,7 @@ def phase_tests(ctx: PhaseContext) -> None:
     log = ctx.out / "logs" / "pytest.log"
     t0 = time.monotonic()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT)  # in the phase's group
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)  # in the phase's group
         print(f"pytest pid {proc.pid}: {' '.join(cmd)}", flush=True)
         try:
             ctx.rec.set("exit_code", proc.wait(timeout=max(1.0, ctx.time_left() - ctx.scale.margin_s)))

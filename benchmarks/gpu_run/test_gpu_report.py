@@ -6,8 +6,8 @@ import dataclasses
 import json
 import time
 
-from benchmarks import gpu_phases, gpu_report, gpu_run
-from benchmarks.gpu_measure import TRAIN_IMPLS
+from benchmarks.gpu_run import phases as gpu_phases, report as gpu_report, runner as gpu_run
+from benchmarks.gpu_run.measure import TRAIN_IMPLS
 
 FAKE_MS = {impl: 100.0 + i for i, impl in enumerate(TRAIN_IMPLS)}
 

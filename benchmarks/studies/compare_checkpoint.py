@@ -5,7 +5,7 @@ fastglow plain and fastglow reversible (eager backend), at one shape and several
 rosinality's ``model.py`` is read at run time from ``--rosinality`` (or ``$ROSINALITY_MODEL``); it is not part
 of this repository. Fetch it e.g. with ``git --git-dir <mirror> show HEAD:model.py > /tmp/rosinality/model.py``.
 
-Method (a shared, noisy machine): per K, one fresh process (:mod:`benchmarks.step_child`) builds all four
+Method (a shared, noisy machine): per K, one fresh process (:mod:`benchmarks.harness`) builds all four
 models, initialises ActNorm and warms each up, then times ``--rounds`` rounds of one training step of each, the
 order rotating from round to round, so neighbouring steps see the same load; a figure is the median over the
 rounds, and every ratio is taken within a round (median over rounds), in wall-clock and in process CPU time. Peak memory is measured in separate processes with a precise allocator (glibc: one arena, every
@@ -13,7 +13,7 @@ block its own mapping) as peak RSS above the RSS before the step, gradients free
 (``zero_grad(set_to_none=True)``, as a training loop does), so it includes allocating them; the timing
 processes use the default allocator.
 
-    python benchmarks/compare_checkpoint.py --rosinality /tmp/rosinality/model.py --depths 16 32 --rounds 9
+    python -m benchmarks.studies.compare_checkpoint --rosinality /tmp/rosinality/model.py --depths 16 32 --rounds 9
 """
 
 from __future__ import annotations
@@ -25,10 +25,7 @@ import statistics
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.step_child import run_step_child  # noqa: E402
+from benchmarks.harness import run_step_child
 
 # (column, impl, mode, backward_chunk)
 IMPLS = (("rosinality plain", "rosinality", "plain", None),

@@ -1,9 +1,9 @@
-"""benchmarks/tf32_emulation.py: the torch emulation of tl.dot's tf32 / tf32x3 behind the RESULTS numbers."""
+"""benchmarks/studies/tf32_emulation.py: the torch emulation of tl.dot's tf32 / tf32x3 behind the RESULTS numbers."""
 
 import pytest
 import torch
 
-from benchmarks.tf32_emulation import estimate, matmul, mix_precision, round_tf32
+from benchmarks.studies.tf32_emulation import estimate, matmul, mix_precision, round_tf32
 
 
 def test_round_tf32_keeps_ten_mantissa_bits_to_nearest():

@@ -1,6 +1,6 @@
 """Turn pytest-benchmark JSON into Markdown tables (medians, ratios within each group) and a PNG plot.
 
-    python benchmarks/report.py bench.json --out benchmarks/results_table.md --plot benchmarks/results.png
+    python -m benchmarks.suites.report bench.json --out benchmarks/results_table.md --plot benchmarks/results.png
 """
 
 from __future__ import annotations

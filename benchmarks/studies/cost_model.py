@@ -1,7 +1,7 @@
 """Static cost model: the least bytes and the FLOPs of each fused flow-step kernel at the real shapes, and of
 the eager op sequence it replaces, hence roofline times on an H100 and a predicted speedup.
 
-    python -m benchmarks.cost_model [--md F]
+    python -m benchmarks.studies.cost_model [--md F]
 
 Per level (C channels after the squeeze, N = B*H*W pixels, half H2 = C/2, h channels Ch = C affine, C/2
 additive) and per flow step, in float32 (4 B). Each launch takes max(bytes / 3.0 TB/s, FLOPs / 60 TFLOP/s
@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from benchmarks.launch_capture import SHAPES, ModelShape
+from benchmarks.compile_gate.launch_capture import SHAPES, ModelShape
 
 BYTES = 4
 HBM_BPS = 3.0e12

@@ -12,7 +12,7 @@ digits (runs/demo-conditional); this script trains its unconditional twin (the s
                          accuracy on the real held-out digits, for scale)
     training time        wall seconds of each run (from its checkpoint) and the CPU seconds of the twin's
 
-    python benchmarks/conditional_demo_check.py [--run runs/demo-conditional] [--twin runs/demo-unconditional]
+    python -m benchmarks.studies.conditional_demo_check [--run runs/demo-conditional] [--twin runs/demo-unconditional]
                                                 [--json F]
 """
 

@@ -1,7 +1,7 @@
-"""benchmarks/cost_model.py: the static H100 cost model behind RESULTS.md's predicted-speedup table."""
+"""benchmarks/studies/cost_model.py: the static H100 cost model behind RESULTS.md's predicted-speedup table."""
 
-from benchmarks import cost_model as cm
-from benchmarks.launch_capture import SHAPES
+from benchmarks.studies import cost_model as cm
+from benchmarks.compile_gate.launch_capture import SHAPES
 
 
 def test_roofline_takes_the_binding_limit():

@@ -1,8 +1,8 @@
-"""benchmarks/report.py turns pytest-benchmark JSON into tables and a plot."""
+"""benchmarks/suites/report.py turns pytest-benchmark JSON into tables and a plot."""
 
 import json
 
-from benchmarks.report import load_rows, main, markdown_tables
+from benchmarks.suites.report import load_rows, main, markdown_tables
 
 
 def _json(tmp_path):

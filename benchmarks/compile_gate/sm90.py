@@ -1,13 +1,13 @@
 """Compile captured launch specialisations for a GPU target on a CPU machine and read the hardware cost.
 
-For each :class:`benchmarks.launch_capture.Spec` (as JSON): ``triton.compile`` for ``GPUTarget("cuda", arch,
+For each :class:`benchmarks.compile_gate.launch_capture.Spec` (as JSON): ``triton.compile`` for ``GPUTarget("cuda", arch,
 32)``, then ``ptxas -v`` (the ptxas Triton ships, same flags as Triton's own cubin step) for registers,
 spills and stack; shared memory is Triton's dynamic allocation plus any static one. Results are cached as
 JSON under ``.cache/compile_gate/`` keyed by a hash of the kernel's source (Triton's ``cache_key``, which
 covers the functions it calls), the specialisation, the target, and the Triton and ptxas versions.
 
 Must run without ``TRITON_INTERPRET`` (the interpreter has no compiler): the report and the CI test call
-``python -m benchmarks.sm90 SPECS.json OUT.json`` in a subprocess with that variable removed.
+``python -m benchmarks.compile_gate.sm90 SPECS.json OUT.json`` in a subprocess with that variable removed.
 
 H100 SXM occupancy (per SM): 65,536 registers allocated per warp in units of 256, 2,048 threads, 32 CTAs,
 228 KB = 233,472 B of shared memory (1 KB of it reserved per CTA), at most 232,448 B for one CTA.
@@ -30,7 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-CACHE_DIR = Path(__file__).resolve().parent.parent / ".cache" / "compile_gate"
+from benchmarks import ROOT
+
+CACHE_DIR = ROOT / ".cache" / "compile_gate"
 
 REGS_PER_SM = 65536
 REG_ALLOC_UNIT = 256  # registers per warp are allocated in these units
@@ -150,12 +152,11 @@ def run_subprocess(specs: list[dict], arch: int = 90, cache_dir: Path = CACHE_DI
                    timeout: float | None = None) -> list[dict]:
     """:func:`compile_all` in a fresh interpreter without ``TRITON_INTERPRET`` (callers run under it)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "specs.json", Path(tmp) / "results.json"
         src.write_text(json.dumps(specs))
-        subprocess.run([sys.executable, "-m", "benchmarks.sm90", str(src), str(dst), "--arch", str(arch),
-                        "--cache-dir", str(cache_dir)], env=env, check=True, timeout=timeout)
+        subprocess.run([sys.executable, "-m", "benchmarks.compile_gate.sm90", str(src), str(dst), "--arch", str(arch),
+                        "--cache-dir", str(cache_dir)], cwd=ROOT, env=env, check=True, timeout=timeout)
         return json.loads(dst.read_text())
 
 

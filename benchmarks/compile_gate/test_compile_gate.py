@@ -1,12 +1,12 @@
-"""The sm_90 compile gate (benchmarks/compile_report.py): every launch specialisation of the real models
+"""The sm_90 compile gate (benchmarks/compile_gate/report.py): every launch specialisation of the real models
 compiles for the H100 within its limits. Compiled results are cached under .cache/compile_gate/ by a hash
 of the kernel source and specialisation, so only changed kernels recompile; a fresh clone compiles a
 representative subset (one specialisation per kernel, dtype and tile sizes) in about two minutes."""
 
 import time
 
-from benchmarks import compile_report as gate
-from benchmarks import launch_capture, sm90
+from benchmarks.compile_gate import report as gate
+from benchmarks.compile_gate import launch_capture, sm90
 
 COLD_BUDGET_S = 240  # a fresh clone compiles everything; warm runs take seconds
 

@@ -33,7 +33,7 @@ from typing import Callable
 
 STARTED = time.monotonic()  # the budget counts from here, before torch is imported
 
-from benchmarks.gpu_measure import SCALES, TRAIN_IMPLS as TRAIN, quick  # noqa: E402
+from benchmarks.gpu_run.measure import SCALES, TRAIN_IMPLS as TRAIN, quick  # noqa: E402
 
 REPORT_RESERVE_S = 8.0  # kept back from the total budget for the report
 GRACE_S = 5.0  # a phase process gets this long past its budget before it is killed
@@ -289,7 +289,7 @@ def _settle_scale(requested: str, env_record: dict) -> str:
     if scale == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
     import fastglow.ops  # noqa: F401  (triton and the kernels)
-    from benchmarks import gpu_phases  # noqa: F401
+    from benchmarks.gpu_run import phases as gpu_phases  # noqa: F401
     return scale
 
 
@@ -314,7 +314,7 @@ def _print_progress(name: str, record: dict) -> None:
 def write_results(results: dict, args, command: str) -> None:
     """results.json first (it needs nothing but json), then RESULTS.md; a report that cannot be written costs
     only itself (gpu_report guards each section too)."""
-    from benchmarks import gpu_report
+    from benchmarks.gpu_run import report as gpu_report
     out = Path(args.out)
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(dict(command=command, budget_s=args.budget, quick=args.quick, phases=results),
@@ -328,7 +328,7 @@ def write_results(results: dict, args, command: str) -> None:
 
 def write_outputs(results: dict, args, command: str) -> None:
     """The final files: results.json and RESULTS.md again, the plots, and the summary on stdout."""
-    from benchmarks import gpu_report
+    from benchmarks.gpu_run import report as gpu_report
     out = Path(args.out)
     write_results(results, args, command)
     try:
@@ -350,7 +350,7 @@ def run_phase_here(name: str, scale_name: str, out: Path, seconds: float, rosina
     """Run one phase in this process, recording into phase_<name>.json as it goes: -> exit code."""
     import torch
 
-    from benchmarks import gpu_phases
+    from benchmarks.gpu_run import phases as gpu_phases
     scale = scale_name if scale_name != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
     if scale == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # (a fork inherits the parent's triton, already set so)

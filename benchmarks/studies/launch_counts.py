@@ -1,7 +1,7 @@
 """Count kernel launches of one Glow level, per flow step: fused Triton kernels vs eager PyTorch ops.
 
 Every non-view aten op is (at least) one kernel launch on a GPU; Triton launches are counted at the
-JIT entry point. Usage: ``TRITON_INTERPRET=1 python benchmarks/launch_counts.py`` (CPU) or natively on CUDA.
+JIT entry point. Usage: ``TRITON_INTERPRET=1 python -m benchmarks.studies.launch_counts`` (CPU) or natively on CUDA.
 """
 
 from __future__ import annotations

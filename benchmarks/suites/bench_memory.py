@@ -2,7 +2,7 @@
 batch, and in backward chunks), per-Flow ``torch.utils.checkpoint`` and plain autograd, all in fastglow's eager
 maths (the checkpointed one is :class:`fastglow.reference.Glow`, whose Flows are modules to wrap).
 
-On CPU the figure is the peak RSS of a fresh subprocess above its own baseline (:mod:`benchmarks.step_child`),
+On CPU the figure is the peak RSS of a fresh subprocess above its own baseline (:mod:`benchmarks.harness`),
 taken after the model is built, ActNorm is initialised and one identical warm-up step has run (libraries
 loaded, ``.grad`` allocated; later steps accumulate into it in place, so the figure is activations and
 temporaries). Before each measured step the high-water mark is reset (``/proc/self/clear_refs``); the least of
@@ -11,20 +11,15 @@ space into ``ru_maxrss``, so a child started from a large parent (a pytest proce
 least the parent's RSS. The child runs one thread, one malloc arena and a 4 kB mmap threshold, so freed tensors
 go back to the OS at once and the allocator's retained memory does not blur the numbers.
 
-    python benchmarks/bench_memory.py                          # depth table, K in (4, 8, 16, 32, 64), width 32
-    python benchmarks/bench_memory.py --hidden 512 --depths 16 --batches 8 32   # batch table at width 512
+    python -m benchmarks.suites.bench_memory                          # depth table, K in (4, 8, 16, 32, 64), width 32
+    python -m benchmarks.suites.bench_memory --hidden 512 --depths 16 --batches 8 32   # batch table at width 512
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.step_child import run_step_child  # noqa: E402
+from benchmarks.harness import run_step_child
 
 DEFAULT_CONFIG = dict(in_channel=3, img_size=32, batch=8, n_block=3, hidden_channels=32, affine=True, conv_lu=True)
 DEPTHS = (4, 8, 16, 32, 64)

@@ -1,7 +1,7 @@
 """Training steps measured in a fresh process: one implementation's peak RSS above a baseline, or several
 implementations' step times, interleaved step by step.
 
-Run by :func:`run_step_child` (``python benchmarks/step_child.py '<json config>'``), it builds the model, runs
+Run by :func:`run_step_child` (``python -m benchmarks.harness '<json config>'``), it builds the model, runs
 ActNorm's data-dependent init (one no-grad forward) and one warm-up step, then ``steps`` training steps
 (forward, bits/dim, backward), each timed and each with its own peak RSS above the RSS just before it (the
 high-water mark reset by ``/proc/self/clear_refs``). With ``set_to_none`` (default) the parameter gradients
@@ -150,10 +150,9 @@ def run_step_child(cfg: dict, precise_malloc: bool = True, timeout: float = 1800
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     if precise_malloc:
         env.update(PRECISE_MALLOC)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(cfg)], capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    from benchmarks import ROOT
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", json.dumps(cfg)], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"step measurement failed for {cfg}:\n{proc.stderr[-2000:]}")
     return dict(cfg, **json.loads(proc.stdout.strip().splitlines()[-1]))

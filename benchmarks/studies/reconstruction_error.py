@@ -8,24 +8,19 @@ ill-conditioning of Behrmann et al. 2021). Reported: each level's relative recon
 (``reversible_tol=None``) against plain autograd: the input's, and the worst and median parameter's relative
 error.
 
-    python benchmarks/reconstruction_error.py                      # K in (8, 32), hidden 32
+    python -m benchmarks.studies.reconstruction_error                      # K in (8, 32), hidden 32
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from functools import partial
-from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import fastglow  # noqa: E402
-from fastglow.testing import models_on_one_state, rel_error  # noqa: E402
+import fastglow
+from fastglow.testing import models_on_one_state, rel_error
 
 
 def shift_log_scales_(model, shift: float) -> None:

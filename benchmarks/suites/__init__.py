@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (``pytest benchmarks/suites --benchmark-enable``) and their report."""
