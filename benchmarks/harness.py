@@ -1,162 +1,131 @@
-"""Training steps measured in a fresh process: one implementation's peak RSS above a baseline, or several
-implementations' step times, interleaved step by step.
+"""The one harness every suite, the GPU run and the studies feed: the model builder, the training step and the
+memory probes of :mod:`fastglow.testing.workloads` (the tests use them too), the one timer (interleaved rounds,
+wall and CPU), and the kernels' eager counterparts.
 
-Run by :func:`run_step_child` (``python -m benchmarks.harness '<json config>'``), it builds the model, runs
-ActNorm's data-dependent init (one no-grad forward) and one warm-up step, then ``steps`` training steps
-(forward, bits/dim, backward), each timed and each with its own peak RSS above the RSS just before it (the
-high-water mark reset by ``/proc/self/clear_refs``). With ``set_to_none`` (default) the parameter gradients
-are freed before every step, as a training loop's ``zero_grad()`` does, so every figure includes allocating
-them (the same for every implementation); without it the steps accumulate into ``.grad`` in place and the
-figure is the activations' (and temporaries') alone.
-
-With a list of configs under ``"interleave"`` it builds every implementation instead and times ``rounds``
-rounds of one step each, the implementations' order rotating from round to round (wall clock and process CPU
-time): neighbouring steps of different implementations see the same load on a shared machine.
-
-Config keys: ``impl`` "fastglow" or "rosinality" (then ``rosinality_path``: rosinality/glow-pytorch's model.py,
-read at run time, never part of this repository); ``mode`` "plain", "reversible" or "checkpoint" (per-Flow
-``torch.utils.checkpoint``, what a user adds in three lines); ``backward_chunk``; the shape (``in_channel``,
-``img_size``, ``batch``, ``n_flow``, ``n_block``, ``hidden_channels``, ``affine``, ``conv_lu``); ``threads``.
+``python -m benchmarks.harness '<json>'`` (run by :func:`time_in_fresh_process`) builds every run of the config
+(``runs``: name, impl, shape, options; ``rosinality``; ``threads``), warms each up once and times ``rounds``
+rounds of one training step each: -> wall_s and cpu_s per run name, one per round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
-import resource
-import subprocess
+import math
 import sys
 import time
+from typing import Callable
 
-# glibc: one arena, every block >= 4 KiB its own mapping returned on free: RSS follows the live tensors
-PRECISE_MALLOC = dict(MALLOC_ARENA_MAX="1", MALLOC_MMAP_THRESHOLD_="4096", MALLOC_TRIM_THRESHOLD_="0")
+import torch
 
+from benchmarks import ROOT
+from fastglow.testing.workloads import (IMPLEMENTATIONS, MEMORY_SHAPE, MemoryProbe, ModelShape,
+                                        build_model, in_fresh_process, kernel_operands, level_tensor_mb,
+                                        load_glow_module, measure_step_memory, step_memory, training_step)
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def peak_mb() -> float:
-    try:  # VmHWM: this address space's peak, reset by clear_refs
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
-    except OSError:  # no procfs: ru_maxrss (kB on Linux, bytes on macOS)
-        scale = 2**20 if sys.platform == "darwin" else 1024
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+__all__ = ["IMPLEMENTATIONS", "MEMORY_SHAPE", "MemoryProbe", "ModelShape", "build_model", "in_fresh_process",
+           "kernel_operands", "level_tensor_mb", "load_glow_module", "measure_step_memory", "step_memory",
+           "training_step", "sync", "synchronized", "time_rounds", "time_in_fresh_process", "eager_coupling_mix",
+           "lu_level"]
 
 
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # Linux: reset the high-water mark to the current RSS
-        return True
-    except OSError:
-        return False
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
-def checkpoint_each_flow(model) -> None:
-    """Wrap every Flow's forward in ``torch.utils.checkpoint`` (non-reentrant): only each step's input is kept."""
-    from torch.utils.checkpoint import checkpoint
-    for block in model.blocks:
-        for flow in block.flows:
-            flow.forward = lambda x, run=flow.forward: checkpoint(run, x, use_reentrant=False)
+def synchronized(fn, device):
+    """fn, such that a timed call includes the GPU work it queued on ``device``."""
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        sync(device)
+        return out
+    return run
 
 
-def build(cfg):
-    if cfg["impl"] == "rosinality":
-        import importlib.util
-        spec = importlib.util.spec_from_file_location("rosinality_model", cfg["rosinality_path"])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if cfg["hidden_channels"] != 512 or cfg["mode"] == "reversible":
-            raise ValueError("rosinality's Glow has width 512 and no reversible mode")
-        return module.Glow(cfg["in_channel"], cfg["n_flow"], cfg["n_block"], affine=cfg["affine"],
-                           conv_lu=cfg["conv_lu"])
-    import fastglow
-    if cfg["mode"] == "checkpoint":  # fastglow's eager maths with a Flow forward to wrap: the reference Glow
-        return fastglow.reference.Glow(cfg["in_channel"], cfg["n_flow"], cfg["n_block"], affine=cfg["affine"],
-                                       conv_lu=cfg["conv_lu"], hidden_channels=cfg["hidden_channels"])
-    return fastglow.Glow(cfg["in_channel"], cfg["n_flow"], cfg["n_block"], affine=cfg["affine"],
-                         conv_lu=cfg["conv_lu"], hidden_channels=cfg["hidden_channels"], backend="eager",
-                         reversible=cfg["mode"] == "reversible", backward_chunk=cfg.get("backward_chunk"))
-
-
-def training_step(cfg):
-    """-> (model, step): the model built and ActNorm-initialised, and one training step of it (gradients set
-    to None first unless ``set_to_none`` is false), warmed up once."""
-    import torch
-    from fastglow import bits_per_dim
-    torch.manual_seed(0)
-    model = build(cfg)
-    x = torch.rand(cfg["batch"], cfg["in_channel"], cfg["img_size"], cfg["img_size"]) - 0.5
-    with torch.no_grad():
-        model(x)  # ActNorm's data-dependent init
-    if cfg["mode"] == "checkpoint":
-        checkpoint_each_flow(model)
-    set_to_none = cfg.get("set_to_none", True)
-
-    def step():
-        if set_to_none:
-            model.zero_grad(set_to_none=True)
-        log_p, logdet, _ = model(x)
-        bits_per_dim(log_p, logdet, x.shape, 256).backward()
-
-    step()  # warm-up
-    return model, step
-
-
-def measure_memory(cfg) -> dict:
-    """Peak RSS above the RSS just before the step, for ``steps`` steps (the least counts)."""
-    model, step = training_step(cfg)
-    peaks = []
-    for _ in range(cfg.get("steps", 3)):
-        if cfg.get("set_to_none", True):
-            model.zero_grad(set_to_none=True)  # before the baseline, so it is taken without gradients
-        reset = reset_peak()
-        baseline = rss_mb()
-        step()
-        peaks.append(peak_mb() - baseline)
-    grad_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    return dict(baseline_mb=baseline, step_mb=min(peaks), samples_mb=peaks, grad_mb=grad_mb, hwm_reset=reset)
-
-
-def measure_interleaved(cfgs: list[dict], rounds: int) -> dict:
-    """Per implementation (by its ``name``): wall-clock and CPU seconds of one step per round."""
-    steps = {cfg["name"]: training_step(cfg)[1] for cfg in cfgs}
+def time_rounds(steps: dict[str, Callable], rounds: int, *, device="cpu", warmup: int = 0, min_rounds: int = 2,
+                seconds: float = math.inf, before_timing: Callable | None = None) -> dict[str, dict]:
+    """The one timer. ``warmup`` untimed calls of each step (the first's time kept as first_s), then
+    ``before_timing()``, then rounds of one call of each step, the order rotating by one from round to round so
+    neighbouring calls of different steps see the same load: at most ``rounds``, at least ``min_rounds``, no more
+    once ``seconds`` of wall time per step are spent. Each call is synchronised with ``device``.
+    -> per step: wall_s and cpu_s (process CPU time), one per round; first_s; first and last (outputs)."""
     names = list(steps)
-    wall, cpu = {n: [] for n in names}, {n: [] for n in names}
-    for r in range(rounds):
+    result = {n: dict(wall_s=[], cpu_s=[], first_s=None, first=None, last=None) for n in names}
+    for name in names:
+        for i in range(warmup):
+            t0 = time.perf_counter()
+            out = steps[name]()
+            sync(device)
+            if i == 0:
+                result[name].update(first_s=time.perf_counter() - t0, first=out)
+    if before_timing is not None:
+        before_timing()
+    spent, r = 0.0, 0
+    while r < rounds and (r < min(min_rounds, rounds) or spent < seconds * len(names)):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            steps[name]()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - cpu_start)
-    return dict(wall_s=wall, cpu_s=cpu)
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            out = steps[name]()
+            sync(device)
+            wall = time.perf_counter() - t0
+            rec = result[name]
+            rec["wall_s"].append(wall)
+            rec["cpu_s"].append(time.process_time() - cpu0)
+            rec["last"] = out
+            if rec["first"] is None:
+                rec.update(first=out, first_s=wall)
+            spent += wall
+        r += 1
+    return result
 
 
-def main(cfg) -> dict:
-    import torch
+def time_in_fresh_process(runs: list[dict], rounds: int, threads: int = 1, rosinality=None) -> dict:
+    """Interleaved training steps of several implementations in one fresh process (default allocator): ``runs``
+    as dicts with name, impl, shape (a ModelShape) and options -> wall_s and cpu_s per name."""
+    runs = [dict(run, shape=dataclasses.asdict(run["shape"])) for run in runs]
+    cfg = dict(runs=runs, rounds=rounds, threads=threads, rosinality=rosinality)
+    return in_fresh_process(cfg, module="benchmarks.harness", precise_malloc=False, cwd=ROOT)
+
+
+def _time_here(cfg: dict) -> dict:
     torch.set_num_threads(cfg.get("threads", 1))
-    if "interleave" in cfg:
-        return measure_interleaved(cfg["interleave"], cfg["rounds"])
-    return measure_memory(cfg)
+    steps = {}
+    for run in cfg["runs"]:
+        model, forward, x = build_model(run["impl"], ModelShape(**run["shape"]), rosinality=cfg.get("rosinality"),
+                                        **run.get("options", {}))
+        steps[run["name"]] = lambda model=model, forward=forward, x=x: training_step(model, forward, x)
+    timed = time_rounds(steps, cfg["rounds"], device="cpu", warmup=1, min_rounds=cfg["rounds"])
+    return dict(wall_s={n: t["wall_s"] for n, t in timed.items()}, cpu_s={n: t["cpu_s"] for n, t in timed.items()})
 
 
-def run_step_child(cfg: dict, precise_malloc: bool = True, timeout: float = 1800) -> dict:
-    """Run :func:`main` on ``cfg`` in a fresh interpreter (``precise_malloc``: RSS follows live memory; off for
-    timing, so allocation costs what it costs in a normal process) -> cfg plus the measurements."""
-    threads = str(cfg.get("threads", 1))
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
-    if precise_malloc:
-        env.update(PRECISE_MALLOC)
-    from benchmarks import ROOT
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.harness", json.dumps(cfg)], cwd=ROOT,
-                          capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"step measurement failed for {cfg}:\n{proc.stderr[-2000:]}")
-    return dict(cfg, **json.loads(proc.stdout.strip().splitlines()[-1]))
+# ----------------------------------------------------------------------------------------------
+# The kernels' eager counterparts (what each fused kernel replaces)
+# ----------------------------------------------------------------------------------------------
+def eager_coupling_mix(x, h_raw, zscale, mix_weight, mix_bias, affine: bool = True, **_):
+    """Coupling combine of step k (h = h_raw exp(3 zscale)), then the folded ActNorm + 1x1 mix of step k+1, in
+    eager ops -> (mixed, logdet)."""
+    from torch.nn import functional as F
+
+    from fastglow.reference import coupling_combine
+    x_a, x_b = x.chunk(2, 1)
+    x_b, logdet = coupling_combine(x_b, h_raw * torch.exp(3 * zscale.view(1, -1, 1, 1)), affine)
+    return F.conv2d(torch.cat([x_a, x_b], 1), mix_weight[:, :, None, None], mix_bias), logdet
+
+
+def lu_level(k: int, c: int, device):
+    """K reference Flows at C channels -> (fused, eager): every step's W, W^-1 and log|det W| in one batched
+    kernel each way, or the eager loop over the steps."""
+    from fastglow import reference
+    from fastglow.ops import fold_level  # after TRITON_INTERPRET is decided
+    torch.manual_seed(0)
+    flows = torch.nn.ModuleList(reference.Flow(c, hidden_channels=4) for _ in range(k)).to(device)
+
+    def eager():
+        ws = [f.invconv.calc_weight() for f in flows]
+        return [torch.linalg.inv(w) for w in ws], [f.invconv.log_abs_det() for f in flows]
+
+    return lambda: fold_level(flows), eager
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(json.loads(sys.argv[1]))))
+    print(json.dumps(_time_here(json.loads(sys.argv[1]))))

@@ -1,6 +1,6 @@
 """The kernels phase of the one-command GPU run (:mod:`benchmarks.gpu_run`): each fused kernel's time at the
 squeezed levels of a 256^2 image, its achieved bandwidth against a device-to-device copy of the same size, the
-eager op sequence it replaces, and the static cost model's prediction where ``benchmarks/studies/cost_model.py`` exists.
+eager op sequence it replaces, and the static cost model's prediction (``benchmarks/studies/cost_model.py``).
 """
 
 from __future__ import annotations
@@ -9,26 +9,12 @@ import torch
 
 import fastglow
 from benchmarks.gpu_run.measure import attempt, time_kernel
-
-
-def _kernel_operands(shape, device, affine=True, seed=0):
-    """Random operands of the flow-step kernels at activation shape (B, C, H, W), float32."""
-    b, c, h, w = shape
-    c_h = c if affine else c // 2
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen).to(device)  # noqa: E731
-    q, _ = torch.linalg.qr(torch.randn(c, c, generator=gen, dtype=torch.float64))
-    return dict(y=rnd(b, c, h, w), h_raw=0.5 * rnd(b, c_h, h, w), zscale=0.1 * rnd(c_h), grad=rnd(b, c, h, w),
-                grad_logdet=rnd(b), mix_weight=q.float().to(device), mix_bias=rnd(c),
-                mix_weight_inv=q.T.float().contiguous().to(device), mix_bias_inv=rnd(c))
+from benchmarks.harness import eager_coupling_mix, kernel_operands, lu_level
 
 
 def _kernel_cases(shape, device):
     """(name, fn, bytes moved at minimum) of every fused kernel at ``shape``, and the eager sequences the fused
     forward replaces. Bytes: every tensor read once and written once, float32."""
-    from torch.nn import functional as F
-
-    from fastglow import reference
     from fastglow.kernels.channel_mix import channel_mix_backward
     from fastglow.kernels.coupling import coupling_backward
     from fastglow.kernels.flow_step import coupling_mix_forward
@@ -36,28 +22,22 @@ def _kernel_cases(shape, device):
     act = shape[0] * shape[1] * shape[2] * shape[3] * 4  # bytes of one activation
     cases = []
     for affine, kind in ((True, "affine"), (False, "additive")):
-        t = _kernel_operands(shape, device, affine)
+        t = kernel_operands(shape, device=device, affine=affine)
         h_bytes = act if affine else act // 2
         mix = dict(mix_weight=t["mix_weight"], mix_bias=t["mix_bias"])
-
-        def eager(t=t, affine=affine):
-            y_a, y_b = t["y"].chunk(2, 1)
-            h = t["h_raw"] * torch.exp(3 * t["zscale"].view(1, -1, 1, 1))
-            y_b, _ = reference.coupling_combine(y_b, h, affine)
-            return F.conv2d(torch.cat([y_a, y_b], 1), t["mix_weight"][:, :, None, None], t["mix_bias"])
-
         cases += [
             (f"coupling_mix_forward[{kind}]", lambda t=t, a=affine, m=mix: coupling_mix_forward(
-                t["y"], t["h_raw"], t["zscale"], **m, affine=a), 2 * act + h_bytes),
-            (f"eager coupling+mix[{kind}]", eager, 2 * act + h_bytes),
+                t["x"], t["h_raw"], t["zscale"], **m, affine=a), 2 * act + h_bytes),
+            (f"eager coupling+mix[{kind}]", lambda t=t, a=affine: eager_coupling_mix(**t, affine=a),
+             2 * act + h_bytes),
             (f"coupling_mix_inverse[{kind}]", lambda t=t, a=affine: coupling_mix_forward(
-                t["y"], t["h_raw"], t["zscale"], t["mix_weight_inv"], t["mix_bias_inv"], affine=a, inverse=True),
+                t["x"], t["h_raw"], t["zscale"], t["mix_weight_inv"], t["mix_bias_inv"], affine=a, inverse=True),
              2 * act + h_bytes),
             (f"coupling_backward[{kind}]", lambda t=t, a=affine: coupling_backward(
-                t["y"], t["grad"], t["h_raw"], t["zscale"], t["grad_logdet"], affine=a), 4 * act + 2 * h_bytes),
+                t["x"], t["grad"], t["h_raw"], t["zscale"], t["grad_logdet"], affine=a), 4 * act + 2 * h_bytes),
         ]
     cases += [("channel_mix_backward[rebuild x]", lambda t=t: channel_mix_backward(
-        t["y"], t["grad"], t["mix_weight"], t["mix_weight_inv"], t["mix_bias_inv"]), 4 * act)]
+        t["x"], t["grad"], t["mix_weight"], t["mix_weight_inv"], t["mix_bias_inv"]), 4 * act)]
     full = torch.randn(shape[0], shape[1] // 4 or 1, 2 * shape[2], 2 * shape[3], device=device)
     cases += [("squeeze", lambda: squeeze_forward(full), 2 * full.numel() * 4),
               ("eager squeeze", lambda: fastglow.reference.squeeze2d(full).contiguous(), 2 * full.numel() * 4)]
@@ -103,17 +83,9 @@ def _bandwidth(fn, nbytes: int, copy_gbps: float, device) -> dict:
 
 def _lu_level(ctx: PhaseContext) -> None:
     """All K LU weights of one level (W, W^-1, log|det W|): one batched kernel vs the eager loop."""
-    from fastglow import reference
-    from fastglow.ops import fold_level
     k, c = ctx.scale.lu_level
-    torch.manual_seed(0)
-    flows = torch.nn.ModuleList(reference.Flow(c, hidden_channels=4) for _ in range(k)).to(ctx.device)
-
-    def eager():
-        ws = [f.invconv.calc_weight() for f in flows]
-        return [torch.linalg.inv(w) for w in ws], [f.invconv.log_abs_det() for f in flows]
-
-    for name, fn in ((f"lu_weight_level[K={k},C={c}]", lambda: fold_level(flows)),
+    fused, eager = lu_level(k, c, ctx.device)
+    for name, fn in ((f"lu_weight_level[K={k},C={c}]", fused),
                      (f"eager lu_weight_level[K={k},C={c}]", eager)):
         ctx.rec.append("rows", attempt(lambda: dict(ms=time_kernel(fn, ctx.device)), kernel=name,
                                        shape=[k, c, c], fused=not name.startswith("eager"),

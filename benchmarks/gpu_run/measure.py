@@ -1,57 +1,21 @@
 """Building blocks of the one-command GPU run (:mod:`benchmarks.gpu_run`): the shapes at each scale, the
-implementations compared, a timed training step, peak memory, kernel timing.
-
-Implementations (all train with Adam on bits/dim, at the same weights: ActNorm initialised on the batch, then
-every parameter perturbed, so no coupling is the identity):
-
-    fastglow-reversible   fastglow.Glow, Triton backend, reversible backprop (the default)
-    fastglow-plain        fastglow.Glow, Triton backend, plain autograd
-    eager                 fastglow.reference.Glow in float32 (rosinality's maths, eager PyTorch)
-    compiled              torch.compile(reference)  (CPU smoke: the "eager" backend; inductor takes minutes)
-    compiled-per-flow     the reference with every Flow compiled on its own (the fallback when compiling the
-                          whole model does not finish in its budget)
-    checkpoint            the reference with each Flow under torch.utils.checkpoint (keeps only step inputs)
-    rosinality            rosinality/glow-pytorch's model.py from --rosinality PATH (width fixed at 512)
+implementations compared (built by :func:`benchmarks.harness.build_model`, which lists them), a timed training
+step with its peak memory, kernel timing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import importlib.util
 import statistics
 import time
 import traceback
-from pathlib import Path
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-import fastglow
-from fastglow import reference
-from fastglow.testing import initialized_model
+from benchmarks.harness import MemoryProbe, ModelShape, build_model, time_rounds, training_step
 
 GB = 1e9
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelShape:
-    name: str
-    in_channel: int
-    img_size: int
-    n_flow: int
-    n_block: int
-    hidden: int
-    affine: bool
-    batch: int
-
-    def but(self, **changes) -> "ModelShape":
-        return dataclasses.replace(self, **changes)
-
-    def label(self) -> str:
-        return (f"{self.in_channel}x{self.img_size}x{self.img_size}, K={self.n_flow}, L={self.n_block}, "
-                f"width {self.hidden}, {'affine' if self.affine else 'additive'}, batch {self.batch}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,11 +76,6 @@ def device_of(scale: Scale) -> torch.device:
     return torch.device("cuda" if scale.name == "gpu" else "cpu")
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def free_memory() -> None:
     """Give the memory of dropped models back before the next measurement (GPU: cycles collected, cache emptied;
     a CPU smoke run skips it: a full collection costs a third of a second there)."""
@@ -126,147 +85,19 @@ def free_memory() -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The implementations
-# ----------------------------------------------------------------------------------------------
-class CheckpointedFlow(nn.Module):
-    """A reference Flow whose forward keeps only its input for backward (torch.utils.checkpoint)."""
-
-    def __init__(self, flow: reference.Flow):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, x):
-        return checkpoint(self.flow, x, use_reentrant=False)
-
-    def reverse(self, y):
-        return self.flow.reverse(y)
-
-
-def load_rosinality(path: str | Path):
-    """rosinality/glow-pytorch's ``model.py`` from a folder (or the file itself), imported as a module."""
-    path = Path(path)
-    path = path / "model.py" if path.is_dir() else path
-    if not path.is_file():
-        raise FileNotFoundError(f"--rosinality: no model.py at {path}")
-    spec = importlib.util.spec_from_file_location("rosinality_glow_model", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _construct(impl: str, shape: ModelShape, rosinality, options: dict) -> nn.Module:
-    c, k, l, affine = shape.in_channel, shape.n_flow, shape.n_block, shape.affine
-    if impl.startswith("fastglow"):
-        return fastglow.Glow(c, k, l, affine=affine, hidden_channels=shape.hidden, backend="triton",
-                             reversible=impl != "fastglow-plain", **options)
-    if impl == "rosinality":
-        return load_rosinality(rosinality).Glow(c, k, l, affine=affine, conv_lu=True)
-    if impl in ("eager", "compiled", "compiled-per-flow", "checkpoint"):
-        return reference.Glow(c, k, l, affine=affine, hidden_channels=shape.hidden)
-    raise ValueError(f"unknown implementation {impl!r}")
-
-
-def build(impl: str, shape: ModelShape, device: torch.device, *, rosinality=None, batch: int | None = None,
-          dtype: torch.dtype = torch.float32, **options):
-    """-> (model, run, x): the model (its parameters), the callable a step runs (x -> (log_p, logdet, z)), and a
-    batch x ~ U(-0.5, 0.5) of the shape. ActNorm is initialised on x and every parameter perturbed."""
-    torch.manual_seed(0)
-    size = (batch or shape.batch, shape.in_channel, shape.img_size, shape.img_size)
-    x = torch.rand(*size, device=device, dtype=dtype) - 0.5
-    model = _construct(impl, shape, rosinality, options).to(device, dtype)
-    initialized_model(model, x, sigma=0.01)
-    if impl == "checkpoint":
-        for block in model.blocks:
-            block.flows = nn.ModuleList(CheckpointedFlow(flow) for flow in block.flows)
-    if impl == "compiled-per-flow":
-        for block in model.blocks:
-            for flow in block.flows:
-                flow.compile(backend=compile_backend(device))
-    run = torch.compile(model, backend=compile_backend(device)) if impl == "compiled" else model
-    return model, run, x
-
-
-def compile_backend(device: torch.device) -> str:
-    return "inductor" if device.type == "cuda" else "eager"  # CPU smoke: dynamo's tracing only
-
-
-def training_step(model: nn.Module, run, x: torch.Tensor, optimizer) -> torch.Tensor:
-    """zero_grad, forward, bits/dim, backward, Adam: one step, as every implementation takes it."""
-    optimizer.zero_grad(set_to_none=True)
-    log_p, logdet, _ = run(x)
-    loss = fastglow.bits_per_dim(log_p, logdet, x.shape, 256)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
-# ----------------------------------------------------------------------------------------------
 # Measuring
 # ----------------------------------------------------------------------------------------------
-class MemoryProbe:
-    """Peak memory between ``reset()`` and ``peak()``: the CUDA caching allocator's peak
-    (``max_memory_allocated``, every live tensor: weights, optimizer state, activations); on a CPU the process's
-    resident high-water mark (``VmHWM`` after ``/proc/self/clear_refs``), whole process."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.start = 0
-
-    def current(self) -> int:
-        if self.device.type == "cuda":
-            return torch.cuda.memory_allocated()
-        return _proc_status_kb("VmRSS") * 1024
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-        self.start = self.current()
-
-    def peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        return _proc_status_kb("VmHWM") * 1024
-
-
-def _proc_status_kb(field: str) -> int:
-    try:
-        with open("/proc/self/status") as f:
-            return int(next(line for line in f if line.startswith(field + ":")).split()[1])
-    except (OSError, StopIteration):
-        return 0
-
-
 def time_steps(step, device: torch.device, scale: Scale) -> dict:
     """Run ``scale.warmup`` untimed calls (the first also compiles), then time up to ``scale.reps`` calls of
     ``step`` (at least 2 unless reps is 1; no more once ``scale.seconds_per_impl`` s are spent).
     -> ms (median), ms_all, first_s (the first call), peak_gb (peak memory over the timed calls), start_gb
     (allocated before them); for a step returning a scalar loss, first_loss and loss (the last)."""
-    first = out = first_s = None
-    times: list[float] = []
-    if scale.warmup:
-        t0 = time.perf_counter()
-        first = step()
-        sync(device)
-        first_s = time.perf_counter() - t0
-        for _ in range(scale.warmup - 1):
-            step()
     probe = MemoryProbe(device)
-    probe.reset()
-    while len(times) < scale.reps and (len(times) < min(2, scale.reps) or sum(times) < scale.seconds_per_impl):
-        t0 = time.perf_counter()
-        out = step()
-        first = out if first is None else first
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    result = dict(ms=1e3 * statistics.median(times), ms_all=[1e3 * t for t in times], first_s=first_s or times[0],
-                  peak_gb=probe.peak() / GB, start_gb=probe.start / GB)
+    timed = time_rounds({"step": step}, scale.reps, device=device, warmup=scale.warmup,
+                        seconds=scale.seconds_per_impl, before_timing=probe.reset)["step"]
+    result = dict(ms=1e3 * statistics.median(timed["wall_s"]), ms_all=[1e3 * t for t in timed["wall_s"]],
+                  first_s=timed["first_s"], peak_gb=probe.peak() / GB, start_gb=probe.start / GB)
+    first, out = timed["first"], timed["last"]
     if isinstance(out, torch.Tensor) and out.numel() == 1:
         result.update(first_loss=float(first), loss=float(out))
     return result
@@ -289,7 +120,7 @@ def measure_training(impl: str, shape: ModelShape, device: torch.device, scale: 
     fit (any other error is raised: wrap in :func:`attempt`)."""
     model = run = x = optimizer = None
     try:
-        model, run, x = build(impl, shape, device, rosinality=rosinality, batch=batch, **options)
+        model, run, x = build_model(impl, shape, device, rosinality=rosinality, batch=batch, **options)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
         result = time_steps(lambda: training_step(model, run, x, optimizer), device, scale)
         return dict(result, status="ok", batch=x.shape[0])

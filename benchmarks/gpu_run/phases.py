@@ -20,8 +20,9 @@ import torch
 import fastglow
 from benchmarks import ROOT
 from benchmarks.gpu_run.kernels import phase_kernels  # noqa: F401  (a phase, found by name)
-from benchmarks.gpu_run.measure import (GB, TRAIN_IMPLS, MemoryProbe, Scale, attempt, build, device_of, free_memory,
-                                    measure_training, sync, time_steps, training_step)
+from benchmarks.gpu_run.measure import (GB, TRAIN_IMPLS, Scale, attempt, device_of, free_memory, measure_training,
+                                        time_steps)
+from benchmarks.harness import MemoryProbe, build_model, sync, training_step
 from fastglow.testing import max_rel_error, models_on_one_state, rel_error
 
 
@@ -179,7 +180,7 @@ def phase_max_batch(ctx: PhaseContext) -> None:
     shape = ctx.scale.celeba
     ctx.rec.set("shape", dataclasses.asdict(shape))
     for impl in ("fastglow-reversible", "eager"):
-        model, _, x = build(impl, shape, ctx.device, batch=2)
+        model, _, x = build_model(impl, shape, ctx.device, batch=2)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
         training_step(model, model, x, optimizer)
         known = 0
@@ -264,7 +265,7 @@ def phase_sampling(ctx: PhaseContext, temperature: float = 0.7) -> None:
 
 
 def _sampling(ctx: PhaseContext, impl: str, shape, temperature: float) -> dict:
-    model, _, _ = build(impl, shape, ctx.device)
+    model, _, _ = build_model(impl, shape, ctx.device)
     zs = fastglow.z_shapes(shape.in_channel, shape.img_size, shape.n_block)
 
     @torch.no_grad()
@@ -296,7 +297,7 @@ def phase_accuracy(ctx: PhaseContext) -> None:
 
 
 def _roundtrip(ctx: PhaseContext, impl: str, shape, dtype) -> dict:
-    model, _, x = build(impl, shape.but(batch=min(shape.batch, 8)), ctx.device, dtype=dtype)
+    model, _, x = build_model(impl, shape.but(batch=min(shape.batch, 8)), ctx.device, dtype=dtype)
     with torch.no_grad():
         _, _, z = model(x)
         rec = model.reverse(z, reconstruct=True)
@@ -356,7 +357,7 @@ def phase_profile(ctx: PhaseContext) -> None:
 def _profile(ctx: PhaseContext, impl: str, rows: int = 30) -> dict:
     from torch.profiler import ProfilerActivity, profile
     cuda = ctx.device.type == "cuda"
-    model, run, x = build(impl, ctx.scale.cifar, ctx.device)
+    model, run, x = build_model(impl, ctx.scale.cifar, ctx.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     for _ in range(2):
         training_step(model, run, x, optimizer)
@@ -377,7 +378,7 @@ def _profile(ctx: PhaseContext, impl: str, rows: int = 30) -> dict:
 
 def _option_step(shape, device, scale, graph=False, **options) -> dict:
     no_sync = dict(validate=False, reversible_tol=None) if graph else {}  # a captured step syncs nothing
-    model, _, x = build("fastglow-reversible", shape, device, **no_sync, **options)
+    model, _, x = build_model("fastglow-reversible", shape, device, **no_sync, **options)
     capture = graph and device.type == "cuda"
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, capturable=capture)
     if graph:

@@ -8,8 +8,9 @@ of this repository. Fetch it e.g. with ``git --git-dir <mirror> show HEAD:model.
 Method (a shared, noisy machine): per K, one fresh process (:mod:`benchmarks.harness`) builds all four
 models, initialises ActNorm and warms each up, then times ``--rounds`` rounds of one training step of each, the
 order rotating from round to round, so neighbouring steps see the same load; a figure is the median over the
-rounds, and every ratio is taken within a round (median over rounds), in wall-clock and in process CPU time. Peak memory is measured in separate processes with a precise allocator (glibc: one arena, every
-block its own mapping) as peak RSS above the RSS before the step, gradients freed before the step
+rounds, and every ratio is taken within a round (median over rounds), in wall-clock and in process CPU time.
+Peak memory is measured in separate processes with a precise allocator (glibc: one arena, every block its own
+mapping) as peak RSS above the RSS before the step, gradients freed before the step
 (``zero_grad(set_to_none=True)``, as a training loop does), so it includes allocating them; the timing
 processes use the default allocator.
 
@@ -19,20 +20,19 @@ processes use the default allocator.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
 import sys
 from pathlib import Path
 
-from benchmarks.harness import run_step_child
+from benchmarks.harness import ModelShape, in_fresh_process, time_in_fresh_process
 
-# (column, impl, mode, backward_chunk)
-IMPLS = (("rosinality plain", "rosinality", "plain", None),
-         ("rosinality + checkpoint", "rosinality", "checkpoint", None),
-         ("fastglow plain", "fastglow", "plain", None),
-         ("fastglow reversible", "fastglow", "reversible", None))
-SHAPE = dict(in_channel=3, img_size=32, batch=8, n_block=3, hidden_channels=512, affine=True, conv_lu=True)
+# (column, implementation)
+IMPLS = (("rosinality plain", "rosinality"), ("rosinality + checkpoint", "rosinality-checkpoint"),
+         ("fastglow plain", "fastglow-plain"), ("fastglow reversible", "fastglow-reversible"))
+SHAPE = ModelShape("cifar", 3, 32, 16, 3, 512, True, 8)
 RATIOS = (("fastglow plain", "rosinality plain"), ("fastglow reversible", "rosinality + checkpoint"),
           ("fastglow reversible", "fastglow plain"))
 
@@ -41,16 +41,18 @@ def measure(depths, rounds: int, threads: int, rosinality: str, impls=IMPLS, log
     """-> one row per K: per implementation the step times (s, one per round) and peak MB, and the ratios."""
     rows = []
     for k in depths:
-        base = dict(SHAPE, n_flow=k, threads=threads, rosinality_path=rosinality)
-        cfgs = [dict(base, name=name, impl=impl, mode=mode, backward_chunk=chunk) for name, impl, mode, chunk in impls]
-        timing = run_step_child(dict(base, interleave=cfgs, rounds=rounds), precise_malloc=False)
+        runs = [dict(name=name, impl=impl, shape=SHAPE.but(n_flow=k),
+                     options=dict(backend="eager") if impl.startswith("fastglow") else {}) for name, impl in impls]
+        timing = time_in_fresh_process(runs, rounds, threads, rosinality)
         for name in timing["wall_s"]:
             log(f"K={k}: {name} steps " + " ".join(f"{t:.2f}" for t in timing["wall_s"][name]) + " s")
         memory = {}
-        for cfg in cfgs:
-            result = run_step_child(dict(cfg, steps=3), precise_malloc=True)
-            memory[cfg["name"]] = result["step_mb"]
-            log(f"K={k}: {cfg['name']} peak {result['step_mb']:.1f} MB (parameter gradients {result['grad_mb']:.1f} MB)")
+        for run in runs:
+            cfg = dict(run, shape=dataclasses.asdict(run["shape"]), steps=3, threads=threads, rosinality=rosinality)
+            result = in_fresh_process(cfg, precise_malloc=True)
+            memory[run["name"]] = result["step_mb"]
+            log(f"K={k}: {run['name']} peak {result['step_mb']:.1f} MB "
+                f"(parameter gradients {result['grad_mb']:.1f} MB)")
         row = dict(n_flow=k, times_s=timing["wall_s"], cpu_s=timing["cpu_s"], peak_mb=memory,
                    grad_mb=result["grad_mb"])
         for key, times in (("ratios", timing["wall_s"]), ("cpu_ratios", timing["cpu_s"])):

@@ -1,4 +1,6 @@
-"""Helpers for tests and benchmarks: models at random non-trivial weights, error measures, activity probes.
+"""Helpers for tests and benchmarks: models at random non-trivial weights, error measures, activity probes; and
+(:mod:`.workloads`, importable from here) kernel operands, a model of every implementation compared, one training
+step and memory probes.
 
 A fresh Glow is near-identity (zero-initialised coupling outputs and priors), which hides bugs; every
 comparison is made after :func:`perturb_` has moved every parameter.
@@ -12,6 +14,19 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+
+_WORKLOADS = ("kernel_operands", "ModelShape", "IMPLEMENTATIONS", "CheckpointedFlow", "load_glow_module", "build_model",
+              "training_step", "MemoryProbe", "step_memory", "in_fresh_process", "MEMORY_SHAPE", "measure_step_memory",
+              "level_tensor_mb")
+
+
+def __getattr__(name: str):
+    """The names of :mod:`.workloads`, imported on first use (so ``python -m fastglow.testing.workloads`` finds
+    that module not yet imported)."""
+    if name in _WORKLOADS:
+        from . import workloads
+        return getattr(workloads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
