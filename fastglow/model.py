@@ -4,6 +4,7 @@ through a backend object (:mod:`fastglow.backends`) so each level can run fused 
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 
@@ -48,6 +49,8 @@ class Glow(reference.Glow):
         check_class_config(n_classes, class_weight)
         check_execution_options(autocast_dtype, channels_last, validate, mix_precision)
         in_channel, n_flow, n_block, hidden_channels = map(int, (in_channel, n_flow, n_block, hidden_channels))
+        affine, conv_lu, reversible, channels_last, validate = map(bool, (affine, conv_lu, reversible, channels_last,
+                                                                          validate))  # numpy's bools too
         n_classes = None if n_classes is None else int(n_classes)
         backward_chunk = None if backward_chunk is None else int(backward_chunk)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
@@ -87,10 +90,14 @@ class Glow(reference.Glow):
             return self._forward(x, y)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None):
-        if not self.actnorm_initialized():
-            # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
-            return super().forward(x, y)
         backend = select_backend(self.backend, x, self.mix_precision)
+        if not self.actnorm_initialized():
+            # ActNorm's data-dependent init needs each step's input: the first batch runs eagerly, keeping no
+            # activations; with grad, it then runs again below (the backend, reversible) like every later one.
+            with torch.no_grad():
+                first = super().forward(x, y)
+            if not torch.is_grad_enabled():
+                return first
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
@@ -161,7 +168,7 @@ class Glow(reference.Glow):
             raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")
         img_size = check_img_size(img_size, self.n_block)
         ref = next(self.parameters())
-        if isinstance(y, int) and not isinstance(y, bool):
+        if isinstance(y, numbers.Integral) and not isinstance(y, bool):  # numpy's integers too
             y = torch.full((n,), y, dtype=torch.int64, device=ref.device)
         check_labels(y, self.n_classes, n, ref.device)
         z_list = [temperature * torch.randn(n, *shape, generator=generator, dtype=ref.dtype,

@@ -41,7 +41,9 @@ def fixed_permutation(permutation: str, channels: int, generator: torch.Generato
     if permutation == "reverse":
         return ChannelPermutation(torch.arange(channels - 1, -1, -1))
     if permutation == "shuffle":
-        return ChannelPermutation(torch.randperm(channels, generator=generator))
+        # drawn by the CPU generator (the same permutation on every device), kept on the default device
+        perm = torch.randperm(channels, generator=generator, device="cpu")
+        return ChannelPermutation(perm.to(torch.get_default_device()))
     raise ValueError(f"a fixed permutation is 'shuffle' or 'reverse', got {permutation!r}")
 
 
@@ -81,6 +83,18 @@ class ChannelPermutation(nn.Module):
     def reverse(self, y: torch.Tensor) -> torch.Tensor:
         """x[:, perm[i]] = y[:, i], i.e. x = y[:, argsort(perm)] (P^-1 = P^T)."""
         return y[:, torch.argsort(self.perm)]
+
+
+def state_dict_permutation(state_dict: dict) -> str:
+    """The ``permutation`` of a Glow's state_dict: "conv" (no ``invconv.perm`` buffers), "reverse" (every one
+    reverses the channels), else "shuffle". A shuffle that happens to reverse every step reads as "reverse":
+    the same maths, and the buffers load either way."""
+    perms = [v for k, v in state_dict.items() if k.endswith(".invconv.perm")]
+    if not perms:
+        return "conv"
+    reverse = all(isinstance(p, torch.Tensor) and torch.equal(p.cpu(), torch.arange(p.numel() - 1, -1, -1))
+                  for p in perms)
+    return "reverse" if reverse else "shuffle"
 
 
 def _is_permutation(perm: torch.Tensor) -> bool:

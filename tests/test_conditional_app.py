@@ -59,7 +59,7 @@ def test_labels_of_digits_class_folders_and_npz(tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 3, 1, 3]))
     labels, names = load_labels(str(npz), 4)
-    assert labels.tolist() == [0, 3, 1, 3] and names == ["0", "1", "2", "3"]
+    assert labels.tolist() == [0, 2, 1, 2] and names == ["0", "1", "3"]  # the values present (issue 23, item 7)
 
 
 @pytest.mark.parametrize("case,match", [
@@ -128,8 +128,9 @@ def test_morph_strip_starts_at_the_held_out_image(ckpt, tmp_path, capsys):
     strip = np.asarray(Image.open(out))
     assert strip.shape == (12, 5 * 10 + 2)
     from fastglow.app.checkpoint import run_split
-    levels, labels = run_split(digit_levels(), load_labels("digits", 1797)[0], "test", "digits",
-                               torch.load(ckpt)["config"])
+    saved = torch.load(ckpt)
+    info = {"config": saved["config"], "dataset": saved["dataset"], "n_bins": 17}
+    levels, labels = run_split(digit_levels(), load_labels("digits", 1797)[0], "digits", info)[1]
     image = to_pixels(bin_centres(levels[labels == 3][1], 17), 17)[0]
     assert np.array_equal(strip[2:10, 2:10], image)  # t = 0 decodes the image's own latents
     assert not np.array_equal(strip[2:10, 42:50], image)

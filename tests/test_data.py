@@ -9,7 +9,7 @@ from PIL import Image
 
 from fastglow.app.data import (DIGITS_LEVELS, bin_centres, dequantize, image_grid, load_dataset, load_digits,
                                to_levels, to_pixels)
-from fastglow.app.sampler import StepBatches
+from fastglow.app.sampler import StepBatches, device_batch, fill_bad
 from fastglow.app.errors import InputError
 
 
@@ -114,6 +114,25 @@ def test_step_batches_are_epochs_of_permutations_sharded_by_rank_and_resume_anyw
         StepBatches(12, 4, seed=3).check_state(state, "ckpt")
     with pytest.raises(InputError, match="fewer than --batch"):
         StepBatches(3, 4, seed=0)
+
+
+def test_device_batch_draws_each_rank_s_share_of_the_global_batch_s_noise():
+    levels = torch.randint(0, 32, (4, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    gen = torch.Generator()
+    whole = device_batch(levels, 32, gen, seed=7, k=5, global_batch=4)
+    shares = [device_batch(levels[2 * r:2 * r + 2], 32, gen, 7, 5, 4, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat(shares), whole)  # the same run in one process or two
+    assert torch.equal(torch.floor((whole + 0.5) * 32).to(torch.uint8), levels)  # noise within each bin
+    assert not torch.equal(device_batch(levels, 32, gen, 7, 6, 4), whole)  # fresh noise at every batch
+
+
+def test_unreadable_images_are_filled_from_their_batch():
+    levels = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1)
+    filled, bad = fill_bad(levels, ["", "broken", "", "broken"])
+    assert bad == [1, 3] and filled.flatten().tolist() == [0, 2, 2, 0]  # the next sound one, cyclically
+    assert levels.flatten().tolist() == [0, 1, 2, 3]  # the loader's batch is left as it was
+    with pytest.raises(InputError, match="every image of a batch is unreadable"):
+        fill_bad(levels, ["a", "b", "c", "d"])
 
 
 def test_image_grid_layout():

@@ -1,5 +1,6 @@
 """Permutation variants (NICE's reverse, RealNVP's shuffle, Glow's 1x1 conv) on both backends: the brute-force
-Jacobian, exact inversion, reversible = plain autograd, fastglow = reference, launches, checkpoints, the CLI."""
+Jacobian, exact inversion, reversible = plain autograd, fastglow = reference, checkpoints (launch counts:
+benchmarks/studies/test_launch_counts.py; the CLI: test_permutation_app.py)."""
 
 import io
 from functools import partial
@@ -198,3 +199,18 @@ def test_state_dict_round_trip(permutation):
             other.load_state_dict(broken)
         with pytest.raises(ValueError, match="perm must be a permutation"):
             ChannelPermutation(torch.tensor([0.0, 1.0]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_step_of_a_fixed_permutation_has_no_host_sync(backend):
+    """The permutation's gather and the fold's stacking read no value back (reversible backward included)."""
+    from fastglow.testing import HostSyncDetector, initialized_model
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8) - 0.5
+    model = initialized_model(fastglow.Glow(3, 2, 2, hidden_channels=8, backend=backend, permutation="shuffle",
+                                            validate=False, reversible_tol=None), x)
+    with HostSyncDetector() as detector:
+        log_p, logdet, _ = model(x)
+        (log_p + logdet).sum().backward()
+    assert detector.syncs == []

@@ -128,7 +128,8 @@ class Phase:
 # Budgets: GPU, GPU --quick, CPU smoke; upper bounds (most phases end sooner), the total capped by --budget
 # (default 360 s of phases, 150 s under --quick; with the install, imports and plots the command stays within
 # 420 s, leaving a 600 s device call room for nothing else, and a 15-minute lending room for one retry).
-# The order is the order of value: what the total budget cuts first is at the end. train_cifar is the first
+# The order is the order of value: what the total budget cuts first is at the end. (CPU smoke budgets leave
+# room for Triton 3.6's interpreter, ~1.4x slower than 3.9's on memory_vs_k and profile.) train_cifar is the first
 # phase to compile the Triton kernels at real shapes (tens of seconds).
 PHASES = (
     Phase("env", 10, 10, 15, _check_env),
@@ -139,12 +140,12 @@ PHASES = (
           needed=_compile_failed),
     Phase("kernels", 25, 20, 12, _check_kernels),
     Phase("sampling", 20, 15, 12, _check_sampling),
-    Phase("memory_vs_k", 35, 25, 15, _check_memory),
+    Phase("memory_vs_k", 35, 25, 20, _check_memory),
     Phase("max_batch", 40, 0, 15, _check_max_batch),
     Phase("train_celeba", 35, 0, 15, _missing_impls(lambda a: TRAIN)),
     Phase("accuracy", 20, 0, 15, _check_accuracy),
     Phase("gpu_options", 25, 0, 15, _check_options),
-    Phase("profile", 15, 0, 12, _check_profile),
+    Phase("profile", 15, 0, 18, _check_profile),
 )
 SUCCESS = ("ok", "not needed", "not run")  # a phase's statuses that leave the exit status 0
 DEFAULT_BUDGET_S = 360.0

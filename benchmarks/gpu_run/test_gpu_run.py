@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import ROOT
 from benchmarks.gpu_run import runner as gpu_run
-from benchmarks.gpu_run.measure import SCALES, measure_training
+from benchmarks.gpu_run.measure import SCALES, measure_training, quick
 from benchmarks.gpu_run.phases import largest_batch
 
 SMOKE_BUDGET_S = 85
@@ -162,3 +162,17 @@ def test_the_implementations_only_the_gpu_or_an_option_runs(tmp_path):
     for impl in ("compiled-per-flow", "rosinality"):
         r = measure_training(impl, scale.cifar, cpu, scale, rosinality=tmp_path)
         assert r["status"] == "ok" and abs(r["first_loss"] - eager["first_loss"]) <= 1e-5 * eager["first_loss"]
+
+
+def test_the_default_and_quick_runs_fit_a_lending():
+    """360 s of phases by default (a 600 s device call with the install, imports and plots, and a 15-minute
+    lending with room for one retry); --quick fits its 150 s with the phases it runs; the float32 tests and the
+    memory target's K come first."""
+    args = gpu_run.build_parser().parse_args(["--out", "unused"])
+    assert args.budget is None and gpu_run.DEFAULT_BUDGET_S <= 360 and gpu_run.QUICK_BUDGET_S <= 150
+    quick_phases = [p for p in gpu_run.PHASES if gpu_run.phase_budget(p, "gpu", quick=True) > 0]
+    assert sum(p.quick_s for p in quick_phases) + gpu_run.REPORT_RESERVE_S <= gpu_run.QUICK_BUDGET_S
+    assert [p.name for p in quick_phases][:3] == ["env", "tests", "train_cifar"]
+    gpu = SCALES["gpu"]
+    assert gpu.depths[0] == 32 and quick(gpu).depths == (32, 8) and "not float64" in quick(gpu).tests_filter
+    assert "tests/test_triton_backend.py" in gpu.tests and "tests/test_kernels_flow_step.py" == gpu.tests[0]

@@ -9,9 +9,9 @@ on each (tiny model, one loader worker) is launched and timed from the launch to
 metrics.jsonl (--log-every 1), when the peak RSS (VmHWM) of the trainer and of its loader worker are read from
 /proc and the process is killed. Median over the repeats. Generated data stays under --root (not committed).
 
-throughput: a folder of 256x256 JPEGs (smooth random content, quality 90) and the same prepared into an .npy;
-images/s delivered by the training DataLoader (the run's own sampler, batch 16) with 0 and --workers workers,
-after one warm-up batch.
+throughput: folders of 256x256 and of 1024x1024 JPEGs (the size of CelebA-HQ's originals; smooth random
+content, quality 90) and the 256 one prepared into an .npy; images/s at 256x256 delivered by the training
+DataLoader (the run's own sampler, batch 16) with 0 and --workers workers, after one warm-up batch.
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ TRAIN_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "1
 
 
 def smooth_images(n: int, size: int, seed: int):
-    """``n`` RGB images (size x size) of upscaled 8x8 noise: photo-like file sizes, cheap to generate."""
+    """``n`` RGB images (size x size) of noise at 1/8 of the size, upscaled bicubically: smooth, with detail
+    at every scale down to 8 pixels (photo-like JPEG sizes), cheap to generate."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        small = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+        small = Image.fromarray(rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8))
         yield small.resize((size, size), Image.Resampling.BICUBIC)
 
 
@@ -121,25 +122,31 @@ def time_to_first_step(data: Path, out: Path) -> tuple[float, float, float]:
 
 
 def startup(args) -> None:
+    """Each data kind at each size, the sizes interleaved within every repeat (so that the load of a shared
+    machine falls on both alike); the median and the minimum over the repeats."""
     root = Path(args.root)
-    rows = []
+    sources = {}
     for n in args.sizes:
         folder = make_folder(root, n, 64, "png")
-        for kind, data in (("PNG folder", folder), (".npy (prepared)", make_npy(folder, 64)),
-                           ("LMDB", make_lmdb(root, n, 64))):
-            runs = [time_to_first_step(data, root / "run") for _ in range(args.repeats)]
-            rows.append((kind, n, *(statistics.median(r[i] for r in runs) for i in range(3))))
-            print(f"{kind} N={n}: {rows[-1][2:]}", file=sys.stderr, flush=True)
-    print("| data | images | launch to first step (s) | trainer peak RSS (MB) | loader worker peak RSS (MB) |")
+        sources.update({("PNG folder", n): folder, (".npy (prepared)", n): make_npy(folder, 64),
+                        ("LMDB", n): make_lmdb(root, n, 64)})
+    runs = {key: [] for key in sources}
+    for _ in range(args.repeats):
+        for key, data in sources.items():
+            runs[key].append(time_to_first_step(data, root / "run"))
+            print(f"{key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+    print("| data | images | launch to first step, median (min) s | trainer peak RSS MB | loader worker peak RSS MB |")
     print("|---|---:|---:|---:|---:|")
-    for kind, n, seconds, rss, worker in rows:
-        print(f"| {kind} | {n} | {seconds:.2f} | {rss:.0f} | {worker:.0f} |")
+    stats = {}
+    for (kind, n), r in runs.items():
+        stats[kind, n] = [statistics.median(x[i] for x in r) for i in range(3)] + [min(x[0] for x in r)]
+        seconds, rss, worker, fastest = stats[kind, n]
+        print(f"| {kind} | {n} | {seconds:.2f} ({fastest:.2f}) | {rss:.0f} | {worker:.0f} |")
     small, large = args.sizes[0], args.sizes[-1]
-    for kind in dict.fromkeys(r[0] for r in rows):
-        a = next(r for r in rows if r[0] == kind and r[1] == small)
-        b = next(r for r in rows if r[0] == kind and r[1] == large)
-        print(f"\n{kind}: {large} / {small} images: time x{b[2] / a[2]:.2f}, trainer RSS x{b[3] / a[3]:.2f}, "
-              f"worker RSS x{b[4] / a[4]:.2f}", end="")
+    for kind in dict.fromkeys(k for k, _ in runs):
+        a, b = stats[kind, small], stats[kind, large]
+        print(f"\n{kind}, {large} / {small} images: time x{b[0] / a[0]:.2f} (min x{b[3] / a[3]:.2f}), trainer RSS "
+              f"x{b[1] / a[1]:.2f}, worker RSS x{b[2] / a[2]:.2f}", end="")
     print()
 
 
@@ -166,10 +173,12 @@ def loader_rate(data: Path, workers: int, batches: int) -> float:
 
 def throughput(args) -> None:
     folder = make_folder(Path(args.root), args.images, 256, "jpg")
-    npy = make_npy(folder, 256)
-    print("| source (256x256, batch 16) | loader workers | images/s |")
+    large = make_folder(Path(args.root), args.images, 1024, "jpg")
+    sources = (("256x256 JPEG folder", folder), ("1024x1024 JPEG folder, resized to 256", large),
+               (".npy prepared from the 256x256 folder", make_npy(folder, 256)))
+    print("| source (training at 256x256, batch 16) | loader workers | images/s |")
     print("|---|---:|---:|")
-    for kind, data in (("JPEG folder", folder), (".npy (prepared)", npy)):
+    for kind, data in sources:
         for workers in (0, args.workers):
             print(f"| {kind} | {workers} | {loader_rate(data, workers, args.batches):.0f} |", flush=True)
 
@@ -179,7 +188,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     s = sub.add_parser("startup")
     s.add_argument("--sizes", type=int, nargs="+", default=[2000, 20000])
-    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=5)
     t = sub.add_parser("throughput")
     t.add_argument("--images", type=int, default=512)
     t.add_argument("--workers", type=int, default=2)

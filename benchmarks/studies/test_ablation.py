@@ -1,5 +1,4 @@
-"""The permutation x coupling ablation (benchmarks/studies/ablation.py): a smoke run, the summary and the
-orderings it reports."""
+"""benchmarks/studies/ablation.py: a smoke run of the whole grid writes the table and the plot; the summary maths."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""Launch counts of one level (benchmarks/studies/launch_counts.py): what a fixed permutation costs."""
+"""benchmarks/studies/launch_counts.py: a fixed channel permutation adds no launch to a flow step."""
 
 from benchmarks.studies.launch_counts import level_launches
 from fastglow.permutation import PERMUTATIONS

@@ -15,19 +15,27 @@ import torch
 from .errors import one_line
 
 
-def decode(model, z_list, y=None, reconstruct: bool = False) -> tuple[torch.Tensor | None, str | None]:
+def decode(model, z_list, y=None, reconstruct: bool = False,
+           batch: int | None = None) -> tuple[torch.Tensor | None, str | None]:
     """``model.reverse(z_list, y=y)`` -> (images, None), or (None, why) when the latents or the images are
-    not finite or a 1x1 convolution is singular (``y``: the classes of a class-conditional model)."""
+    not finite or a 1x1 convolution is singular (``y``: the classes of a class-conditional model);
+    ``batch``: decode that many images at a time (None: all at once)."""
     if not all(bool(torch.isfinite(z).all()) for z in z_list):
         return None, "the latents are non-finite"
-    try:
-        with torch.no_grad():
-            images = model.reverse(z_list, reconstruct=reconstruct, y=y)
-    except torch.linalg.LinAlgError as err:
-        return None, f"the model does not invert: {one_line(err)}"
-    if not bool(torch.isfinite(images).all()):
-        return None, "decoding gives non-finite images"
-    return images, None
+    n = z_list[0].shape[0]
+    parts = []
+    for start in range(0, n, batch or n):
+        chunk = slice(start, start + (batch or n))
+        try:
+            with torch.no_grad():
+                part = model.reverse([z[chunk] for z in z_list], reconstruct=reconstruct,
+                                     y=None if y is None else y[chunk])
+        except torch.linalg.LinAlgError as err:
+            return None, f"the model does not invert: {one_line(err)}"
+        if not bool(torch.isfinite(part).all()):
+            return None, "decoding gives non-finite images"
+        parts.append(part)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
 
 
 MAX_LOG_SCALE = 80.0  # exp(+-80) stays inside float32's normal range (1.2e-38 .. 3.4e38)

@@ -1,5 +1,5 @@
-"""``fastglow prepare SRC OUT.npy``: decode, resize and centre-crop an image folder once into a memory-mapped
-uint8 array (N, C, S, S) that training reads without decoding (``--data OUT.npy``).
+"""``fastglow prepare SRC OUT.npy``: decode, resize and centre-crop an image folder once into a uint8
+array (N, C, S, S) that training reads without decoding (``--data OUT.npy``).
 
 Pixels are stored quantised to ``n_bits``: v -> v & (255 << (8 - n_bits)), so training at n_bits' <= n_bits
 gives the same levels v >> (8 - n_bits') as the folder; a finer --n-bits is refused at training.
@@ -60,7 +60,7 @@ def _scratch(out: Path) -> tuple[Path, Path]:
 def _key(images, src: Path, n_bits: int) -> dict:
     """What a partial result depends on: the source's files (names and sizes), the size, channels and bits."""
     digest = hashlib.sha256()
-    for f in images.files:
+    for f in map(Path, images.files):
         digest.update(f"{f.relative_to(src)}\0{f.stat().st_size}\n".encode())
     return {"src": str(src.resolve()), "files": digest.hexdigest(), "n": images.n, "img_size": images.size,
             "channels": images.channels, "n_bits": n_bits}
@@ -156,7 +156,7 @@ def _finish(images, src: Path, out: Path, partial: Path, state: dict, n_bits: in
 def _class_labels(images, src: Path):
     """(int64 labels, class names) when every image lies in a first-level subfolder and there are at least
     two of them (sorted names -> ids 0, 1, ...), else (None, None)."""
-    parts = [f.relative_to(src).parts for f in images.files]
+    parts = [Path(f).relative_to(src).parts for f in images.files]
     if any(len(p) < 2 for p in parts):
         return None, None
     names = sorted({p[0] for p in parts})
@@ -209,7 +209,7 @@ def add_prepare_command(sub) -> None:
     """The ``prepare`` subcommand of the ``fastglow`` parser."""
     from . import flags
 
-    p = sub.add_parser("prepare", help="decode an image folder once into a memory-mapped .npy for training",
+    p = sub.add_parser("prepare", help="decode an image folder once into a uint8 .npy for training",
                        description="Decode, resize (shorter side) and centre-crop every image under SRC once, in "
                                    "parallel, into OUT.npy (uint8, N x C x S x S; OUT.labels.npy for a folder of "
                                    "class subfolders; OUT.json). Interrupted, the same command resumes; an "
