@@ -1,4 +1,4 @@
-"""Issue 14, the library and the data: 16-bit images, integral arguments of any type, arguments refused up
+"""The library and the data: 16-bit images, integral arguments of any type, arguments refused up
 front with a ValueError/TypeError, no DDP deprecation warning, a README snippet that runs as written."""
 
 import ast

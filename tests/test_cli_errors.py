@@ -1,4 +1,4 @@
-"""Issue 14, the command line: bad flags, devices, backends and files end in one line on stderr (exit 2),
+"""The command line: bad flags, devices, backends and files end in one line on stderr (exit 2),
 never a traceback, before any work; progress goes to log files as lines."""
 
 import pickle

@@ -1,4 +1,4 @@
-"""Issue 14, a run's files: nothing is lost to corrupt or foreign checkpoints, a diverging run, or a second
+"""A run's files: nothing is lost to corrupt or foreign checkpoints, a diverging run, or a second
 trainer on the same folder. Each case runs the real ``fastglow`` command in a subprocess."""
 
 import json

@@ -1,4 +1,4 @@
-"""Issue 23, the command line: tracebacks and out-of-memory kills become one line and exit 2 before any work
+"""The command line: tracebacks and out-of-memory kills become one line and exit 2 before any work
 (items 5, 6, 9, 11, 12). Each case runs the real ``fastglow`` command in a subprocess."""
 
 import numpy as np

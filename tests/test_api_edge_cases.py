@@ -1,4 +1,4 @@
-"""Issue 23, the library: the first training step is constant-memory too, an impossible backend is refused at
+"""The library: the first training step is constant-memory too, an impossible backend is refused at
 construction (item 10), and messages that name the problem (item 11)."""
 
 import numpy as np

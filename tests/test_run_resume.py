@@ -1,5 +1,5 @@
-"""Issue 23, a run's files and numbers: nothing lost, no silently wrong answers (items 1, 3, 4, 8, 9). Each CLI
-case runs the real ``fastglow`` command in a subprocess."""
+"""A run's files and numbers across resumes: nothing lost, no silently wrong answers (items 1, 3, 4, 8, 9 of
+issue 23). Each CLI case runs the real ``fastglow`` command in a subprocess."""
 
 import json
 
