@@ -1,6 +1,6 @@
 """Permutation variants (NICE's reverse, RealNVP's shuffle, Glow's 1x1 conv) on both backends: the brute-force
 Jacobian, exact inversion, reversible = plain autograd, fastglow = reference, checkpoints (launch counts:
-benchmarks/test_launch_counts.py; the CLI: test_permutation_app.py)."""
+benchmarks/studies/test_launch_counts.py; the CLI: test_permutation_app.py)."""
 
 import io
 from functools import partial
