@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import numpy as np
 import torch
 
 from . import reference
@@ -22,6 +23,14 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _check_bool(name: str, value) -> None:
+    """A bool, or numpy's (np.bool_): anything else is refused, naming its type in full."""
+    if not isinstance(value, (bool, np.bool_)):
+        kind = type(value)
+        raise TypeError(f"{name} must be a bool, got {kind.__module__ + '.' if kind.__module__ != 'builtins' else ''}"
+                        f"{kind.__qualname__}")
+
+
 def _positive_int(name: str, value) -> None:
     if not _is_int(value):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -36,10 +45,24 @@ def check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, 
         _positive_int(name, value)
     check_n_block(n_block)
     for name, value in (("affine", affine), ("conv_lu", conv_lu), ("reversible", reversible)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        _check_bool(name, value)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton":
+        check_triton_possible()
+
+
+def check_triton_possible() -> None:
+    """backend="triton" needs the triton package and a CUDA device, or TRITON_INTERPRET=1 (CPU tensors):
+    refused when the model is built, not at its second forward."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("backend='triton' needs the triton package, which is not installed; use backend='auto'")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        raise ValueError("backend='triton' needs a CUDA device (or TRITON_INTERPRET=1 to interpret it on the "
+                         "CPU), and there is none here; use backend='auto' or 'eager'")
 
 
 def check_execution_options(autocast_dtype, channels_last, validate, mix_precision="ieee") -> None:
@@ -49,8 +72,7 @@ def check_execution_options(autocast_dtype, channels_last, validate, mix_precisi
     if autocast_dtype not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast_dtype must be one of {AUTOCAST_DTYPES}, got {autocast_dtype!r}")
     for name, value in (("channels_last", channels_last), ("validate", validate)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        _check_bool(name, value)
 
 
 def _check_values(name: str, t, finite: bool = True) -> None:

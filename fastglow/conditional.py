@@ -16,6 +16,7 @@ conditional model has exactly the unconditional model's density and uniform clas
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -86,6 +87,10 @@ class ClassConditional:
     def encode(self, x) -> list:
         """forward's latents z_outs of images x, no labels needed: the flow never sees y (only the top prior
         does), so a class-conditional model encodes with label 0 and discards the density."""
+        if not all(flow.actnorm.is_initialized for block in self.blocks for flow in block.flows):
+            warnings.warn("the model's ActNorm layers are not initialised: this batch initialises them (their "
+                          "data-dependent init); train the model or load its weights first", RuntimeWarning,
+                          stacklevel=2)
         y = None if self.n_classes is None else torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         return self(x, y)[2]
 

@@ -4,6 +4,7 @@ through a backend object (:mod:`fastglow.backends`) so each level can run fused 
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 
@@ -32,7 +33,9 @@ class Glow(reference.Glow):
     inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check; with
     ``reversible_tol=None`` too, a training step makes no host sync) and ``mix_precision`` (the Triton 1x1
     mix in float32: "ieee", exact, or "tf32x3", three TF32 tensor-core products, ~float32 accuracy;
-    benchmarks/RESULTS.md has its emulated effect).
+    benchmarks/RESULTS.md has its emulated effect); ``permutation`` ("conv", rosinality's learned 1x1 conv;
+    "shuffle", RealNVP's fixed random permutation; "reverse", NICE's reversed channels: :mod:`fastglow.permutation`,
+    folded into the same fused mix).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
@@ -40,16 +43,20 @@ class Glow(reference.Glow):
                  reversible: bool = True, reversible_tol: float | str | None = "auto",
                  backward_chunk: int | None = None, n_classes: int | None = None,
                  class_weight: float = DEFAULT_CLASS_WEIGHT, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee"):
+                 channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee",
+                 permutation: str = "conv"):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
         check_reversible_options(reversible_tol, backward_chunk)
         check_class_config(n_classes, class_weight)
         check_execution_options(autocast_dtype, channels_last, validate, mix_precision)
         in_channel, n_flow, n_block, hidden_channels = map(int, (in_channel, n_flow, n_block, hidden_channels))
+        affine, conv_lu, reversible, channels_last, validate = map(bool, (affine, conv_lu, reversible, channels_last,
+                                                                          validate))  # numpy's bools too
         n_classes = None if n_classes is None else int(n_classes)
         backward_chunk = None if backward_chunk is None else int(backward_chunk)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
-                         hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight)
+                         hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight,
+                         permutation=permutation)
         self.backend = backend
         self.reversible = reversible
         self.reversible_tol = reversible_tol
@@ -86,10 +93,14 @@ class Glow(reference.Glow):
             return self._forward(x, y)
 
     def _forward(self, x: torch.Tensor, y: torch.Tensor | None):
-        if not self.actnorm_initialized():
-            # ActNorm's data-dependent init needs each step's input: run the first batch eagerly.
-            return super().forward(x, y)
         backend = select_backend(self.backend, x, self.mix_precision)
+        if not self.actnorm_initialized():
+            # ActNorm's data-dependent init needs each step's input: the first batch runs eagerly, keeping no
+            # activations; with grad, it then runs again below (the backend, reversible) like every later one.
+            with torch.no_grad():
+                first = super().forward(x, y)
+            if not torch.is_grad_enabled():
+                return first
         log_p_sum = x.new_zeros(x.shape[0])
         logdet = x.new_zeros(x.shape[0])
         z_outs = []
@@ -160,7 +171,7 @@ class Glow(reference.Glow):
             raise ValueError("img_size is unknown: pass img_size= (the model has not seen a batch)")
         img_size = check_img_size(img_size, self.n_block)
         ref = next(self.parameters())
-        if isinstance(y, int) and not isinstance(y, bool):
+        if isinstance(y, numbers.Integral) and not isinstance(y, bool):  # numpy's integers too
             y = torch.full((n,), y, dtype=torch.int64, device=ref.device)
         check_labels(y, self.n_classes, n, ref.device)
         z_list = [temperature * torch.randn(n, *shape, generator=generator, dtype=ref.dtype,

@@ -21,3 +21,38 @@ def _seed_numpy():
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--float64-last", action="store_true",
+                     help="run every test parametrised with torch.float64 after all the others (the GPU run: the "
+                          "float32 results first, whatever the budget leaves for float64)")
+
+
+def _uses_float64(item) -> bool:
+    """Parametrised with torch.float64, or a float64 gradcheck or float64 test by name."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "float64" in item.name or "gradcheck" in item.name or any(v is torch.float64 or (isinstance(v, (tuple, list)) and torch.float64 in v) for v in params.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--float64-last", default=False):
+        items.sort(key=_uses_float64)  # stable: each group keeps its order
+
+
+@pytest.fixture
+def on_device(device):
+    """The test builds its tensors and modules on ``device`` without naming it: under CUDA, torch's default device
+    is CUDA for the test (the backend="triton" tests then run natively; on a CPU they run through the
+    interpreter) and TF32 is off, so float32 comparisons stay exact. A test file opts in with
+    ``pytestmark = pytest.mark.usefixtures("on_device")``."""
+    if device.type != "cuda":
+        yield device
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with device:
+            yield device
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

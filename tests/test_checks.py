@@ -90,12 +90,12 @@ def test_sample_rejects_bad_arguments(model, kwargs, match):
 
 
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    model = fastglow.Glow(3, 1, 2, hidden_channels=8, backend="triton")  # built under the interpreter
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    model = fastglow.Glow(3, 1, 2, hidden_channels=8, backend="triton")
     x = torch.rand(2, 3, 8, 8)
-    model(x)  # the first batch runs eagerly for ActNorm's init
     with pytest.raises(ValueError, match="CUDA tensors"):
-        model(x)
+        model(x)  # from the first batch on, before ActNorm's init (issue 23, item 10; construction: test_api_edge_cases)
+    assert not model.actnorm_initialized()
 
 
 def test_dtype_mismatch_with_the_model_is_named(model):

@@ -1,12 +1,16 @@
 """Data sets (digits, image folders, .npz), quantisation, batches and PNG grids."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastglow.app.data import (DIGITS_LEVELS, ShuffledBatches, bin_centres, dequantize, image_grid, load_dataset,
-                               load_digits, to_levels, to_pixels)
+from fastglow.app.data import (DIGITS_LEVELS, bin_centres, dequantize, image_grid, load_dataset, load_digits,
+                               open_dataset, to_levels, to_pixels)
+from fastglow.app.datasets import ArrayImages
+from fastglow.app.sampler import StepBatches, device_batch, fill_bad
 from fastglow.app.errors import InputError
 
 
@@ -57,6 +61,18 @@ def test_npz_layouts(tmp_path, layout):
     assert load_dataset(str(tmp_path / "d.npz"), n_bits=4)[0].max() < 16
 
 
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NHW"])
+def test_npy_layouts_are_read_image_by_image(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    nchw = rng.integers(0, 256, (5, 1 if layout == "NHW" else 3, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "d.npy", {"NHWC": nchw.transpose(0, 2, 3, 1), "NCHW": nchw, "NHW": nchw[:, 0]}[layout])
+    images, n_bins = open_dataset(str(tmp_path / "d.npy"), n_bits=8)
+    assert isinstance(images, ArrayImages) and n_bins == 256
+    assert torch.equal(images.materialise(), torch.from_numpy(nchw))
+    refit, _ = open_dataset(str(tmp_path / "d.npy"), img_size=4, channels=3)  # resized and converted per image
+    assert refit.levels(2).shape == (3, 4, 4) and refit.levels(2).max() < 32
+
+
 @pytest.mark.parametrize("case", ["empty", "unreadable", "small", "missing", "npz_dtype", "npz_key", "npz_bad"])
 def test_bad_data_names_the_file(tmp_path, case):
     target = tmp_path / "data"
@@ -92,17 +108,44 @@ def test_pixels_round_trip_to_levels(n_bins):
     assert torch.equal(to_levels(pixels, n_bins), levels)
 
 
-def test_shuffled_batches_resume_exactly():
-    a = ShuffledBatches(10, 4, torch.Generator().manual_seed(0))
-    [a.next() for _ in range(3)]  # crosses an epoch (2 full batches per epoch)
-    state, gen_state = a.state_dict(), a.generator.get_state()
-    expected = [a.next() for _ in range(5)]
-    b = ShuffledBatches(10, 4, torch.Generator())
-    b.load_state_dict(state)
-    b.generator.set_state(gen_state)
-    assert all(torch.equal(x, y) for x, y in zip(expected, (b.next() for _ in range(5))))
+def test_step_batches_are_epochs_of_permutations_sharded_by_rank_and_resume_anywhere():
+    whole = StepBatches(10, 4, seed=3)
+    stream = [whole.global_batch(k) for k in range(6)]  # 2 full batches per epoch: 3 epochs
+    for epoch in range(3):
+        seen = torch.cat(stream[2 * epoch:2 * epoch + 2])
+        assert seen.unique().numel() == 8 and seen.max() < 10  # no repeats within an epoch
+    assert not torch.equal(stream[0], stream[2])  # a new permutation each epoch
+    ranks = [StepBatches(10, 4, seed=3, rank=r, world=2, start=1) for r in range(2)]
+    shares = [list(itertools.islice(iter(s), 5)) for s in ranks]
+    for k in range(5):  # the ranks' shares are the global batch's two halves, in order
+        assert shares[0][k] + shares[1][k] == stream[k + 1].tolist()
+    resumed = StepBatches(10, 4, seed=3, start=4)
+    assert next(iter(resumed)) == stream[4].tolist()
+    state = whole.state_dict(5)
+    assert (state["epoch"], state["position"]) == (2, 1) and whole.check_state(state, "ckpt") == 5
+    with pytest.raises(InputError, match="changed since"):
+        StepBatches(12, 4, seed=3).check_state(state, "ckpt")
     with pytest.raises(InputError, match="fewer than --batch"):
-        ShuffledBatches(3, 4, torch.Generator())
+        StepBatches(3, 4, seed=0)
+
+
+def test_device_batch_draws_each_rank_s_share_of_the_global_batch_s_noise():
+    levels = torch.randint(0, 32, (4, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    gen = torch.Generator()
+    whole = device_batch(levels, 32, gen, seed=7, k=5, global_batch=4)
+    shares = [device_batch(levels[2 * r:2 * r + 2], 32, gen, 7, 5, 4, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat(shares), whole)  # the same run in one process or two
+    assert torch.equal(torch.floor((whole + 0.5) * 32).to(torch.uint8), levels)  # noise within each bin
+    assert not torch.equal(device_batch(levels, 32, gen, 7, 6, 4), whole)  # fresh noise at every batch
+
+
+def test_unreadable_images_are_filled_from_their_batch():
+    levels = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1)
+    filled, bad = fill_bad(levels, ["", "broken", "", "broken"])
+    assert bad == [1, 3] and filled.flatten().tolist() == [0, 2, 2, 0]  # the next sound one, cyclically
+    assert levels.flatten().tolist() == [0, 1, 2, 3]  # the loader's batch is left as it was
+    with pytest.raises(InputError, match="every image of a batch is unreadable"):
+        fill_bad(levels, ["a", "b", "c", "d"])
 
 
 def test_image_grid_layout():

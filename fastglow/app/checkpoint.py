@@ -7,8 +7,10 @@ A training checkpoint is a dict readable with ``torch.load(f, weights_only=True)
     model    Glow.state_dict() with rosinality's keys (no "module." prefix): rosinality's code can
              ``model.load_state_dict(ckpt["model"])``
     optimizer, step, elapsed (training seconds so far), config (the run's TrainConfig as a dict)
-    rng      torch CPU, CUDA (all devices), numpy, python ``random`` and the data-order generator
-    data     the data-order stream (current permutation and position)
+    dataset  the held-out images' keys and the data's fingerprint (:mod:`fastglow.app.fingerprint`)
+    rng      torch CPU, CUDA (all devices), numpy, python ``random``
+    data     the data order's position (next batch, its epoch and position, seed, split size, batch) and the
+             training images found unreadable (``bad_images``, positions in the split)
 
 Written to ``<out>/checkpoints/step_<step>.pt`` as temp file in the same folder -> flush -> fsync -> rename
 (``os.replace`` is atomic), then the folder is fsynced: a crash leaves the old file or the new one, never half
@@ -36,6 +38,8 @@ import numpy as np
 import torch
 
 from .. import Glow
+from ..permutation import state_dict_permutation
+from .data import DIGITS_LEVELS
 from .errors import CheckpointError, InputError, one_line
 
 FORMAT = "fastglow-checkpoint"
@@ -233,8 +237,9 @@ def _step_of(record: dict) -> float:
 # ----------------------------------------------------------------------------------------------
 # Random number generators
 # ----------------------------------------------------------------------------------------------
-def capture_rng(data_generator: torch.Generator) -> dict:
-    """Every RNG a run touches, as tensors/lists (loadable with weights_only=True)."""
+def capture_rng() -> dict:
+    """Every global RNG, as tensors/lists (loadable with weights_only=True); the data order and the
+    dequantisation noise need none (:mod:`fastglow.app.sampler` derives them from the seed and the step)."""
     np_state = np.random.get_state()
     version, internal, gauss = random.getstate()
     return {
@@ -243,11 +248,10 @@ def capture_rng(data_generator: torch.Generator) -> dict:
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": version, "internal": list(internal), "gauss": gauss},
-        "data": data_generator.get_state(),
     }
 
 
-def restore_rng(state: dict, data_generator: torch.Generator) -> None:
+def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -256,13 +260,12 @@ def restore_rng(state: dict, data_generator: torch.Generator) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-    data_generator.set_state(state["data"])
 
 
 # ----------------------------------------------------------------------------------------------
 # Models from checkpoints (sample / eval / interpolate)
 # ----------------------------------------------------------------------------------------------
-SHAPE_KEYS = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu")
+SHAPE_KEYS = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation")
 
 
 def infer_shape(state_dict: dict, path) -> dict:
@@ -276,10 +279,13 @@ def infer_shape(state_dict: dict, path) -> dict:
     except (KeyError, ValueError, IndexError, AttributeError):
         raise CheckpointError(f"{path}: not a Glow state_dict (rosinality's keys blocks.<i>.flows.<k>... "
                               "are missing)") from None
+    permutation = state_dict_permutation(state_dict)
     return {"in_channel": squeezed // 4, "n_flow": n_flow, "n_block": n_block, "hidden": net0.shape[0],
-            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path),
-            # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter)
-            "conv_lu": "blocks.0.flows.0.invconv.w_p" in state_dict if n_block > 1 else None}
+            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path), "permutation": permutation,
+            # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter);
+            # nor for fixed permutations, which have no 1x1 conv
+            "conv_lu": ("blocks.0.flows.0.invconv.w_p" in state_dict
+                        if n_block > 1 and permutation == "conv" else None)}
 
 
 def _n_classes(state_dict: dict, path) -> int | None:
@@ -300,13 +306,13 @@ def _flag(key: str, value) -> str:
     return f"--{key.replace('_', '-')} {value}"
 
 
-def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", default_img_size: int = 64):
+def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto"):
     """A Glow from a fastglow checkpoint or a bare (rosinality) state_dict -> (model in eval mode, info).
 
     ``flags`` holds the model-shape flags the user gave (None when not given): they must agree with the
-    checkpoint. info: img_size (from the run's config, or ``flags["img_size"]``, else ``default_img_size``),
-    n_bins (from the config, or 2**n_bits, default 5 bits), the run's config (None for a bare state_dict), the
-    model's shape and, class-conditional models, ``class_names`` (from the config, else None).
+    checkpoint. info: img_size and n_bins (from the run's config, else :func:`bare_image_format`), the run's
+    config (None for a bare state_dict), the model's shape and, class-conditional models, ``class_names``
+    (from the config, else None).
     """
     ckpt = load_file(path)
     config = ckpt.get("config") if ckpt.get("format") == FORMAT else None
@@ -323,13 +329,15 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
         if flags.get("img_size") not in (None, img_size):
             raise CheckpointError(f"{path}: the model was trained at --img-size {img_size}, "
                                   f"not {flags['img_size']}")
+        if flags.get("data") == "digits" and n_bins != DIGITS_LEVELS:
+            raise InputError(f"{path}: the model was trained on {n_bins} levels per channel, the digits have "
+                             f"{DIGITS_LEVELS}")
     else:
-        img_size = flags.get("img_size") or default_img_size
-        n_bins = 2 ** (flags.get("n_bits") or 5)
+        img_size, n_bins = bare_image_format(flags)
     shape["conv_lu"] = shape["conv_lu"] is not False
     model = Glow(shape["in_channel"], shape["n_flow"], shape["n_block"], affine=shape["affine"],
                  conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False,
-                 n_classes=shape["n_classes"])
+                 n_classes=shape["n_classes"], permutation=shape["permutation"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -339,7 +347,17 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto", de
                               f"{2 ** shape['n_block']}")
     class_names = (config or {}).get("class_names") if shape["n_classes"] else None
     return model.to(device).eval(), {"img_size": img_size, "n_bins": n_bins, "config": config,
-                                     "class_names": class_names, **shape}
+                                     "class_names": class_names, "dataset": ckpt.get("dataset"), **shape}
+
+
+def bare_image_format(flags: dict) -> tuple[int, int]:
+    """What a bare state_dict cannot tell, -> (img_size, n_bins): from the flags, else from the data set named by
+    ``flags["data"]`` (the digits: 8 and their 17 levels), else 64 and 2**5 (rosinality's defaults)."""
+    if flags.get("data") == "digits":
+        if flags.get("n_bits") is not None:
+            raise InputError("--n-bits applies to 8-bit images; the digits have 17 levels of their own")
+        return flags.get("img_size") or 8, DIGITS_LEVELS
+    return flags.get("img_size") or 64, 2 ** (flags.get("n_bits") or 5)
 
 
 def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_key: str | None):
@@ -356,11 +374,13 @@ def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_
         raise InputError(f"{path}: the model takes {info['in_channel']}x{info['img_size']}x{info['img_size']} "
                          "images, the digits are 1x8x8")
     if config and n_bits not in (None, config.get("n_bits")):
-        raise InputError(f"{path}: the model was trained with --n-bits {config.get('n_bits')}")
+        trained = (f"on the digits' {DIGITS_LEVELS} levels (--n-bits does not apply)"
+                   if config.get("n_bits") is None else f"with --n-bits {config.get('n_bits')}")
+        raise InputError(f"{path}: the model was trained {trained}, not --n-bits {n_bits}")
     n_bits = n_bits if n_bits is not None else config.get("n_bits")
     levels, n_bins = load_dataset(data, None if data == "digits" else info["img_size"],
                                   None if data == "digits" else info["in_channel"], n_bits, npz_key)
-    if n_bins != info["n_bins"] and config:
+    if n_bins != info["n_bins"]:
         raise InputError(f"{data}: has {n_bins} levels per channel, the model was trained on {info['n_bins']}")
     if not info["n_classes"]:
         return data, levels, None
@@ -377,16 +397,18 @@ def _some(names: list[str]) -> str:
     return str(names) if len(names) <= 12 else f"{names[:10]} ... ({len(names)} classes)"
 
 
-def run_split(levels, labels, split: str, data: str, config: dict):
-    """A run's "train" or "test" split (test fraction and seed from its ``config``), or "all" ->
-    (levels, labels); ``labels`` None stays None."""
-    from .classes import split_labels
-    from .data import split_dataset
+def run_split(levels, labels, data: str, info: dict):
+    """A loaded checkpoint's (``info`` from :func:`load_model`) split of ``data`` -> ((train levels, labels),
+    (test levels, labels)); ``labels`` None stays None. On the run's own data the held-out images are the ones
+    it recorded (:func:`fastglow.app.fingerprint.recorded_split`; a warning line if the data changed since),
+    else those of its test fraction and seed."""
+    from .fingerprint import recorded_split, same_source
 
-    if split == "all":
-        return levels, labels
-    fraction = config.get("test_fraction") or (0.2 if data == "digits" else 0.1)
-    seed = config.get("split_seed", 0)
-    train_set, test_set = split_dataset(levels, fraction, torch.Generator().manual_seed(seed))
-    train_labels, test_labels = split_labels(labels, fraction, seed)
-    return (test_set, test_labels) if split == "test" else (train_set, train_labels)
+    config = info["config"] or {}
+    saved = info.get("dataset") if same_source(data, config.get("data")) else None
+    train, test, warning = recorded_split(data, levels, info["n_bins"], config, saved)
+    if warning:
+        print(f"fastglow: warning: {warning}", file=sys.stderr)
+    if test.numel() == 0:
+        raise InputError(f"{data}: none of the run's held-out images is there any more; pass --split all")
+    return tuple((levels[idx], None if labels is None else labels[idx]) for idx in (train, test))

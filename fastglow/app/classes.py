@@ -8,9 +8,12 @@ and decode exactly (``reverse(..., reconstruct=True)``): t = 0 gives the image b
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-from .data import bin_centres, split_dataset
+from .data import bin_centres, load_labels, split_dataset
+from .datasets import take
 from .errors import InputError
 
 
@@ -20,6 +23,49 @@ def split_labels(labels: torch.Tensor | None, test_fraction: float, split_seed: 
     if labels is None:
         return None, None
     return split_dataset(labels, test_fraction, torch.Generator().manual_seed(split_seed))
+
+
+def labels_present(raw) -> tuple[torch.Tensor, list[str]]:
+    """Integer labels (N,) -> (ids 0..N_classes-1, names): the classes are the label values present, in
+    increasing order, named by their value ({0, 5} -> ids {0, 1} named "0", "5"; none created empty)."""
+    values, ids = torch.unique(torch.as_tensor(raw, dtype=torch.int64), sorted=True, return_inverse=True)
+    return ids, [str(v) for v in values.tolist()]
+
+
+def warn_empty_class_folders(root, names: list[str]) -> None:
+    """Say (one line) which subfolders of a class-folder data set hold no image, and so are no class."""
+    from pathlib import Path
+
+    empty = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and p.name not in names)
+    if empty:
+        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
+        print(f"fastglow: warning: {root}: subfolders without images are not classes: {shown}", file=sys.stderr)
+
+
+def run_labels(cfg, n_images: int):
+    """Class-conditional runs: the data's labels split like the images, filling in cfg.n_classes and
+    cfg.class_names -> (train, test) int64 labels; (None, None) for an unconditional run."""
+    if not cfg.conditional:
+        return None, None
+    labels, cfg.class_names = load_labels(cfg.data, n_images)
+    cfg.n_classes = len(cfg.class_names)
+    return split_labels(labels, cfg.test_fraction, cfg.split_seed)
+
+
+def sample_grid_latents(cfg) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A run's fixed sample-grid latents (seeded by cfg.seed + 1), and the classes of a class-conditional run's
+    grid (one row per class; None otherwise), after checking the grid's size."""
+    from .. import z_shapes
+    from .limits import check_grid
+
+    n_sample, nrow, y = cfg.n_sample, None, None
+    if cfg.conditional:
+        nrow = max(1, cfg.n_sample // cfg.n_classes)
+        y, n_sample = class_grid_labels(cfg.n_classes, nrow), nrow * cfg.n_classes
+    check_grid(n_sample, cfg.channels, cfg.img_size, cfg.zoom, nrow, "--n-sample/--zoom")
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    return [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
+            for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)], y
 
 
 def class_grid_labels(n_classes: int, per_class: int, device=None) -> torch.Tensor:
@@ -45,11 +91,13 @@ def resolve_class(text: str, names: list[str] | None, n_classes: int, flag: str)
 def classification_accuracy(model, levels: torch.Tensor, labels: torch.Tensor, n_bins: int, batch: int,
                             device) -> float:
     """Share of images whose ``model.classify`` argmax is their label (images at their bins' centres)."""
-    correct = 0
+    correct = total = 0
     for start in range(0, levels.shape[0], batch):
-        x = bin_centres(levels[start:start + batch], n_bins).to(device)
-        correct += int((model.classify(x).argmax(1).cpu() == labels[start:start + batch]).sum())
-    return correct / levels.shape[0]
+        chunk, chunk_labels = take(levels, labels, start, start + batch)
+        x = bin_centres(chunk, n_bins).to(device)
+        correct += int((model.classify(x).argmax(1).cpu() == chunk_labels).sum())
+        total += chunk.shape[0]
+    return correct / max(total, 1)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The ``fastglow`` command: train, sample, eval, interpolate, morph.
+"""The ``fastglow`` command: train, sample, eval, interpolate, morph, prepare.
 
 Bad input (a missing/empty/unreadable data set, images smaller than --img-size, a corrupt checkpoint or one of
 another shape, or whose weights do not decode; a bad flag) ends with one line on stderr naming the file and the
@@ -15,14 +15,18 @@ import sys
 import torch
 
 from .. import __version__, z_shapes
+from ..permutation import PERMUTATIONS
 from . import flags
-from .errors import InputError, TrainingError
+from .errors import InputError, TrainingError, one_line
+from .limits import DECODE_BATCH, check_grid
+from .prepare import add_prepare_command
 
 
 def _add_data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'digits' (scikit-learn's 8x8 digits, 17 levels; the default for train), "
-                                  "a folder of images, or an .npz of uint8 images")
+                                  "a folder of images, an LMDB folder (rosinality's layout), or an .npy "
+                                  "(read image by image; see fastglow prepare) or .npz of uint8 images")
     g.add_argument("--img-size", type=flags.positive_int, help="resize the shorter side to this and centre-crop "
                                                           "(folders: 64; .npz: native size)")
     g.add_argument("--channels", type=flags.channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
@@ -31,11 +35,14 @@ def _add_data_flags(p):
     return g
 
 
-def _add_image_output_flags(p) -> None:
+def _add_image_output_flags(p, data: bool = True) -> None:
     """Flags of the commands that write images: zoom, and what a bare state_dict cannot tell."""
     p.add_argument("--zoom", type=flags.positive_int, default=1, help="upscale each image by this factor")
     p.add_argument("--img-size", type=flags.positive_int, help="bare state_dicts: image size (default 64)")
     p.add_argument("--n-bits", type=flags.n_bits, help="bare state_dicts: bits per channel (default 5)")
+    if data:
+        p.add_argument("--data", help="bare state_dicts: the data set the model was trained on ('digits': 8x8, "
+                                      "17 levels); with a checkpoint, it must agree")
 
 
 def _add_shape_flags(p, defaults=None) -> None:
@@ -54,6 +61,9 @@ def _add_shape_flags(p, defaults=None) -> None:
                           help="additive coupling (rosinality's train.py default)")
     g.add_argument("--no-lu", dest="conv_lu", action="store_const", const=False,
                    help="plain 1x1 conv weights instead of the LU parameterisation")
+    g.add_argument("--permutation", choices=PERMUTATIONS,
+                   help="what mixes the channels between couplings: conv (Glow's learned 1x1 conv), shuffle (a "
+                        "fixed random permutation, RealNVP) or reverse (NICE)" + d("permutation"))
 
 
 def _add_execution_flags(p):
@@ -74,7 +84,13 @@ def _add_train_command(sub) -> None:
                                    "is the global batch.")
     g = _add_data_flags(t)
     g.add_argument("--test-fraction", type=flags.open_fraction, help="held-out share (digits 0.2, else 0.1)")
-    g.add_argument("--split-seed", type=int, help="seed of the train/held-out split (default 0)")
+    g.add_argument("--split-seed", type=flags.seed, help="seed of the train/held-out split (default 0)")
+    g.add_argument("--workers", type=flags.non_negative_int,
+                   help="DataLoader processes per training process that decode images (default: the cores "
+                        "less one, shared by the processes, at most 8; 0 for data in memory)")
+    g.add_argument("--max-bad-images", type=flags.fraction,
+                   help=f"stop when more than this share of the training images proves unreadable "
+                        f"(default {C.max_bad_images:g}; fewer are skipped, counted and logged)")
     _add_shape_flags(t, defaults=C)
     c = t.add_argument_group("classes")
     c.add_argument("--conditional", action="store_const", const=True,
@@ -87,7 +103,7 @@ def _add_train_command(sub) -> None:
                    help="constant-memory backprop (the default)")
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
-    g.add_argument("--threads", type=flags.positive_int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--threads", type=flags.threads, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
                    help="replay each step's forward and backward from a CUDA graph captured at the first step "
                         "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
@@ -99,11 +115,11 @@ def _add_train_command(sub) -> None:
                    help="decay the lr linearly to 0 over the last this many steps (default: half of --steps; "
                         "0: constant, as rosinality)")
     o.add_argument("--steps", type=flags.positive_int, help=f"total training steps (default {C.steps})")
-    o.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")
+    o.add_argument("--seed", type=flags.seed, help="seed of the weights, data order and noise (default 0)")
     o.add_argument("--max-bad-steps", type=flags.positive_int,
                    help=f"stop after this many consecutive non-finite losses (default {C.max_bad_steps})")
     r = t.add_argument_group("run")
-    r.add_argument("--out", help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
+    r.add_argument("--out", type=flags.run_folder, help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
     start = r.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     start.add_argument("--new-run", action="store_true",
@@ -138,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-conditional checkpoints: the class (id or name) of every sample, or 'all' for one "
                         "row per class (default: each sample's class drawn uniformly)")
     s.add_argument("--temperature", type=flags.temperature, default=0.7, help="latent temperature (default 0.7)")
-    s.add_argument("--out", default="samples.png", help="PNG to write (default samples.png)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", type=flags.png_file, default="samples.png", help="PNG to write (default samples.png)")
+    s.add_argument("--seed", type=flags.seed, default=0, help="seed of the latents (default 0)")
     s.add_argument("--nrow", type=flags.positive_int, help="images per row (default: a square grid)")
     _add_image_output_flags(s)
     _add_shape_flags(s)
@@ -152,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", choices=("test", "train", "all"),
                    help="test: the run's held-out split (default for the run's own data); all: every image")
     e.add_argument("--batch", type=flags.positive_int, default=256)
-    e.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    e.add_argument("--seed", type=flags.seed, default=0, help="seed of the dequantisation noise")
     _add_shape_flags(e)
     _add_execution_flags(e)
     e.set_defaults(run=_eval)
@@ -161,12 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
     i.add_argument("images", nargs=2, metavar="IMAGE", help="the two end points")
     i.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
-    i.add_argument("--out", default="interpolation.png", help="PNG to write (default interpolation.png)")
+    i.add_argument("--out", type=flags.png_file, default="interpolation.png", help="PNG to write (default interpolation.png)")
     _add_image_output_flags(i)
     _add_shape_flags(i)
     _add_execution_flags(i)
     i.set_defaults(run=_interpolate)
     _add_morph_command(sub)
+    add_prepare_command(sub)
     return parser
 
 
@@ -179,11 +196,11 @@ def _add_morph_command(sub) -> None:
     m.add_argument("--index", type=flags.non_negative_int, default=0,
                    help="which held-out image of class --from (default 0, the first)")
     m.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
-    m.add_argument("--out", default="morph.png", help="PNG to write (default morph.png)")
+    m.add_argument("--out", type=flags.png_file, default="morph.png", help="PNG to write (default morph.png)")
     m.add_argument("--data", help="the data set (default: the run's own); class means come from its training split")
     m.add_argument("--npz-key", help="the .npz array to read (as for train)")
     m.add_argument("--batch", type=flags.positive_int, default=256)
-    _add_image_output_flags(m)
+    _add_image_output_flags(m, data=False)
     _add_shape_flags(m)
     _add_execution_flags(m)
     m.set_defaults(run=_morph)
@@ -211,22 +228,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _model_flags(args) -> dict:
-    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "img_size", "n_bits")
+    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation", "img_size", "n_bits",
+            "data")
     return {k: getattr(args, k, None) for k in keys}
 
 
-def _load(args, default_img_size: int = 64):
+def _load(args):
     from .checkpoint import load_model
     from .distributed import pick_backend, pick_device
     device = pick_device(args.device)
-    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device), default_img_size)
+    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device))
 
 
 def _decode(model, z_list, args, y=None, reconstruct: bool = False):
     """Latents (and classes y) -> images, or an InputError naming the checkpoint when its weights do not decode."""
     from .guard import decode
 
-    images, why = decode(model, z_list, y, reconstruct=reconstruct)
+    images, why = decode(model, z_list, y, reconstruct=reconstruct, batch=DECODE_BATCH)
     if why:
         raise InputError(f"{args.ckpt}: {why}: the checkpoint's weights are unusable (diverged?); "
                          "use an earlier checkpoint")
@@ -241,6 +259,7 @@ def _sample(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     y, nrow = _sample_classes(args, info, gen)
     n = (args.n or 64) if y is None else y.shape[0]
+    check_grid(n, info["in_channel"], info["img_size"], args.zoom, nrow, "--n")
     z = [args.temperature * torch.randn(n, *s, generator=gen).to(device)
          for s in _z_shapes(info)]
     images = _decode(model, z, args, None if y is None else y.to(device))
@@ -277,14 +296,15 @@ def _eval(args: argparse.Namespace) -> int:
     from .checkpoint import checkpoint_data, run_split
     from .classes import classification_accuracy
     from .distributed import Dist
+    from .fingerprint import same_source
     from .loop import evaluate
 
-    model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
+    model, info = _load(args)
     config = info["config"] or {}
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
-    own_data = bool(config) and _same_data(data, config.get("data"))
-    split = args.split or ("test" if own_data else "all")
-    levels, labels = run_split(levels, labels, split, data, config)
+    split = args.split or ("test" if same_source(data, config.get("data")) else "all")
+    if split != "all":
+        levels, labels = run_split(levels, labels, data, info)[split == "test"]
     device = next(model.parameters()).device
     bpd = evaluate(model, levels, info["n_bins"], args.batch, args.seed, Dist(0, 1, device), labels)
     if not math.isfinite(bpd):
@@ -298,19 +318,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same_data(a: str, b: str | None) -> bool:
-    from pathlib import Path
-    if b is None:
-        return False
-    return a == b if "digits" in (a, b) else Path(a).resolve() == Path(b).resolve()
-
-
 def _interpolate(args: argparse.Namespace) -> int:
     from .data import bin_centres, image_grid, read_image, save_png, to_levels, to_pixels
 
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
     model, info = _load(args)
+    check_grid(args.steps, info["in_channel"], info["img_size"], args.zoom, args.steps, "--steps")
     device = next(model.parameters()).device
     ends = [to_levels(read_image(p, info["img_size"], info["in_channel"]), info["n_bins"]) for p in args.images]
     x = bin_centres(torch.stack(ends), info["n_bins"]).to(device)
@@ -331,15 +345,15 @@ def _morph(args: argparse.Namespace) -> int:
 
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
-    model, info = _load(args, default_img_size=8 if args.data == "digits" else 64)
+    model, info = _load(args)
     if info["n_classes"] is None:
         raise InputError(f"{args.ckpt}: the model is unconditional; morph needs a checkpoint trained with "
                          "--conditional")
+    check_grid(args.steps, info["in_channel"], info["img_size"], args.zoom, args.steps, "--steps")
     a, b = (resolve_class(text, info["class_names"], info["n_classes"], flag)
             for text, flag in ((args.class_from, "--from"), (args.class_to, "--to")))
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
-    train_set, train_labels = run_split(levels, labels, "train", data, info["config"] or {})
-    test_set, test_labels = run_split(levels, labels, "test", data, info["config"] or {})
+    (train_set, train_labels), (test_set, test_labels) = run_split(levels, labels, data, info)
     held_out = test_set[test_labels == a]
     if args.index >= held_out.shape[0]:
         raise InputError(f"--index {args.index}: the held-out split has {held_out.shape[0]} images of class "
@@ -368,14 +382,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastglow {args.command}: error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. --out not writable: the message names the path
-        print(f"fastglow {args.command}: error: {err}", file=sys.stderr)
+        where = "" if err.filename or not getattr(args, "out", None) else f" (writing {args.out})"
+        print(f"fastglow {args.command}: error: {one_line(err)}{where}", file=sys.stderr)
         return 2
     except TrainingError as err:
         print(f"fastglow {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastglow {args.command}: interrupted" + (" (continue with --resume)" if args.command == "train"
-                                                          else ""), file=sys.stderr)
+        hint = {"train": " (continue with --resume)", "prepare": " (the same command resumes)"}
+        print(f"fastglow {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -1,25 +1,33 @@
 """Data sets and image files.
 
-A data set is a uint8 tensor of quantisation *levels* (N, C, H, W) with values in [0, n_bins) plus ``n_bins``:
+A data set is a map-style set of uint8 quantisation *levels* (C, H, W) in [0, n_bins) plus ``n_bins``
+(:mod:`fastglow.app.datasets` reads them one image at a time):
     digits   scikit-learn's bundled 8x8 digits, 17 grey levels (n_bins = 17), no network
     folder   every image under a directory (Pillow), resized so the shorter side is ``img_size`` and
              centre-cropped; 8-bit pixels v become levels v >> (8 - n_bits), n_bins = 2**n_bits
-    .npz     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, under the key ``images``
-             (or ``npz_key``; an archive with a single array needs none); quantised like a folder
+    LMDB     a folder holding data.mdb in rosinality's layout (key f"{size}-{i:05d}" -> JPEG bytes, "length")
+    .npy     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, read image by image (e.g. from
+             ``fastglow prepare``); quantised like a folder
+    .npz     the same layout under the key ``images`` (or ``npz_key``; an archive with a single array needs
+             none), read whole: for small sets (convert a large one to .npy, which is never read whole)
 The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
 
 Class labels (class-conditional runs, :func:`load_labels`): the digits' own 0..9; a folder's first-level
-subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,).
+subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,), whose values
+present, in increasing order, are the classes (ids 0, 1, ..., named by their value); a prepared .npy's
+``X.labels.npy`` (names in ``X.json``).
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import datasets
 from .errors import InputError, one_line
 
 DIGITS_LEVELS = 17  # pixel values 0..16
@@ -52,11 +60,19 @@ def split_dataset(levels: torch.Tensor, test_fraction: float, generator: torch.G
 
 def load_dataset(source: str, img_size: int | None = None, channels: int | None = None,
                  n_bits: int | None = None, npz_key: str | None = None):
-    """``source`` ("digits", a folder or an .npz file) -> (levels uint8 (N, C, H, W), n_bins).
+    """``source`` -> (every image's levels uint8 (N, C, H, W) in memory, n_bins): :func:`open_dataset`, read
+    whole (eval and morph); an unreadable image refuses, naming it."""
+    images, n_bins = open_dataset(source, img_size, channels, n_bits, npz_key)
+    return images.materialise(), n_bins
 
-    ``img_size`` None keeps the native size (folders: 64); ``channels`` None keeps the native count
-    (folders: 1 if every image is grey, else 3); ``n_bits`` None means 5 for 8-bit sources.
-    """
+
+def open_dataset(source: str, img_size: int | None = None, channels: int | None = None,
+                 n_bits: int | None = None, npz_key: str | None = None):
+    """``source`` ("digits", a folder of images, rosinality's LMDB folder, an .npy or an .npz) -> (a map-style
+    :class:`~fastglow.app.datasets.ImageSet` of uint8 levels, n_bins), reading no more than a listing, a sample
+    of headers or an array header. ``img_size`` None keeps the native size (folders, LMDB: 64); ``channels``
+    None keeps the native count (folders: 1 if every sampled image is grey, else 3); ``n_bits`` None means 5
+    for 8-bit sources (a prepared .npy: the bits it was prepared at)."""
     if source == "digits":
         if n_bits is not None:
             raise InputError("--n-bits applies to 8-bit images; the digits have 17 levels of their own")
@@ -64,64 +80,67 @@ def load_dataset(source: str, img_size: int | None = None, channels: int | None 
             raise InputError(f"the digits are grey (1 channel), --channels {channels} was given")
         if img_size not in (None, 8):
             raise InputError(f"the digits are 8x8, --img-size {img_size} was given")
-        return digit_levels(), DIGITS_LEVELS
+        return datasets.TensorImages("digits", digit_levels()), DIGITS_LEVELS
     path = Path(source)
-    if path.is_dir():
-        images = load_image_folder(path, img_size or 64, channels)
-    elif path.is_file():
-        images = load_npz(path, npz_key, img_size, channels)
-    else:
-        raise InputError(f"{source}: no such folder or .npz file (--data takes 'digits', a folder or an .npz)")
+    if not (path.is_dir() or path.is_file()):
+        raise InputError(f"{source}: no such folder or file (--data takes 'digits', a folder of images, an LMDB "
+                         "folder, an .npy or an .npz)")
+    if path.is_file() and datasets.is_npy(path):
+        images, n_bits = datasets.open_npy(path, img_size, channels, n_bits)
+        return images, 2 ** n_bits
     n_bits = 5 if n_bits is None else n_bits
     if not 1 <= n_bits <= 8:
         raise InputError(f"--n-bits must be in 1..8, got {n_bits}")
-    return torch.from_numpy(images >> (8 - n_bits)), 2 ** n_bits
-
-
-def load_image_folder(root: Path, img_size: int, channels: int | None) -> np.ndarray:
-    """Every image file under ``root`` (recursively, sorted) -> uint8 (N, C, img_size, img_size)."""
-    from PIL import Image
-
-    files = image_files(root)
-    if not files:
-        raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    modes = []
-    for f in files:  # headers first: refuse a bad file before decoding thousands of good ones
-        try:
-            with Image.open(f) as im:
-                width, height, mode = im.width, im.height, im.mode
-        except Exception as err:  # noqa: BLE001 - Pillow raises many types for a broken file
-            raise InputError(f"{f}: cannot read image ({one_line(err)})") from None
-        if min(width, height) < img_size:
-            raise InputError(f"{f}: image is {width}x{height}, smaller than --img-size {img_size}")
-        modes.append(mode)
-    if channels is None:
-        channels = 1 if all(m in GREY_MODES for m in modes) else 3
-    out = np.empty((len(files), channels, img_size, img_size), dtype=np.uint8)
-    for i, f in enumerate(files):
-        out[i] = read_image(f, img_size, channels)
-    return out
+    if path.is_file():
+        levels = torch.from_numpy(load_npz(path, npz_key, img_size, channels) >> (8 - n_bits))
+        if levels.shape[2] != levels.shape[3]:
+            raise InputError(f"{source}: images are {levels.shape[3]}x{levels.shape[2]}; pass --img-size to "
+                             "centre-crop them square")
+        return datasets.TensorImages(str(path), levels), 2 ** n_bits
+    if (path / "data.mdb").is_file():
+        return datasets.open_lmdb_set(path, img_size, channels, 8 - n_bits), 2 ** n_bits
+    return datasets.open_folder(path, img_size or 64, channels, 8 - n_bits), 2 ** n_bits
 
 
 def image_files(root: Path) -> list[Path]:
-    """Every image file under ``root``, recursively, in the (sorted) order the data set's images have."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under ``root``, recursively (not into symlinked folders), in the data set's order: sorted
+    as paths (part by part)."""
+    return [Path(p) for p in image_paths(root)]
 
 
-def read_image(path, img_size: int, channels: int) -> np.ndarray:
-    """One image file -> uint8 (channels, img_size, img_size): shorter side resized, centre-cropped."""
+def image_paths(root: Path) -> list[str]:
+    """:func:`image_files` as strings: one ``scandir`` per folder, no stat per file, no Path objects."""
+    found, folders = [], [str(root)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir() and not entry.is_symlink():
+                    folders.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    found.append(entry.path)
+    return sorted(found, key=lambda p: p.split(os.sep))
+
+
+def read_image(path, img_size: int, channels: int, name=None) -> np.ndarray:
+    """One image (a file, or a file object named ``name``) -> uint8 (channels, img_size, img_size): shorter side
+    resized, centre-cropped. A JPEG at least twice as large is decoded at a reduced scale (1/2, 1/4 or 1/8, in
+    the DCT) no smaller than twice the target, then resized (Pillow's thumbnail with reducing_gap=2): a
+    1024x1024 JPEG trained at 256 decodes to 512x512 at a quarter of the cost."""
     from PIL import Image
 
+    name = path if name is None else name
     try:
         with Image.open(path) as im:
+            if im.format == "JPEG" and min(im.size) >= 2 * img_size:
+                im.draft(None, (2 * img_size, 2 * img_size))
             im.load()
             if min(im.size) < img_size:
-                raise InputError(f"{path}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
-            pixels = fit_image(to_8_bit(im, path).convert("L" if channels == 1 else "RGB"), img_size)
+                raise InputError(f"{name}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
+            pixels = fit_image(to_8_bit(im, name).convert("L" if channels == 1 else "RGB"), img_size)
     except InputError:
         raise
     except Exception as err:  # noqa: BLE001
-        raise InputError(f"{path}: cannot read image ({one_line(err)})") from None
+        raise InputError(f"{name}: cannot read image ({one_line(err)})") from None
     pixels = np.asarray(pixels, dtype=np.uint8)
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
@@ -178,15 +197,15 @@ def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | 
         raise InputError(f"{path}: array {key!r} has shape {arr.shape}; expected uint8 images (N, H, W), "
                          "(N, C, H, W) or (N, H, W, C) with C = 1 or 3")
     if channels is not None and channels != arr.shape[1]:
-        arr = _convert_channels(arr, channels)
+        arr = convert_channels(arr, channels)
     if img_size is not None and arr.shape[2:] != (img_size, img_size):
         if min(arr.shape[2:]) < img_size:
             raise InputError(f"{path}: images are {arr.shape[3]}x{arr.shape[2]}, smaller than --img-size {img_size}")
-        arr = np.stack([_refit(a, img_size) for a in arr])
+        arr = np.stack([refit(a, img_size) for a in arr])
     return np.ascontiguousarray(arr)
 
 
-def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+def convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
     """(N, C, H, W) uint8: grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma (Pillow's "L")."""
     if channels == 3:
         return np.repeat(arr, 3, axis=1)
@@ -194,7 +213,7 @@ def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
     return np.clip(np.round(luma), 0, 255).astype(np.uint8)[:, None]
 
 
-def _refit(chw: np.ndarray, img_size: int) -> np.ndarray:
+def refit(chw: np.ndarray, img_size: int) -> np.ndarray:
     from PIL import Image
 
     im = Image.fromarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
@@ -215,8 +234,12 @@ def load_labels(source: str, n_images: int) -> tuple[torch.Tensor, list[str]]:
         from sklearn.datasets import load_digits as sklearn_digits
 
         labels, names = torch.from_numpy(sklearn_digits().target.astype(np.int64)), [str(k) for k in range(10)]
+    elif (Path(source) / "data.mdb").is_file():
+        raise InputError(f"{source}: an LMDB data set holds no class labels; train it without --conditional")
     elif Path(source).is_dir():
         labels, names = folder_labels(Path(source))
+    elif datasets.is_npy(Path(source)):
+        labels, names = npy_labels(Path(source))
     else:
         labels, names = npz_labels(Path(source))
     if labels.shape != (n_images,):
@@ -233,14 +256,18 @@ def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
     if loose:
         raise InputError(f"{loose[0]}: an image outside the class subfolders; a class-conditional run takes "
                          f"one subfolder of {root} per class")
+    from .classes import warn_empty_class_folders
+
     classes = [f.relative_to(root).parts[0] for f in files]
     names = sorted(set(classes))
+    warn_empty_class_folders(root, names)
     ids = {name: k for k, name in enumerate(names)}
     return torch.tensor([ids[c] for c in classes], dtype=torch.int64), names
 
 
 def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """The integer array ``labels`` (N,) of an .npz, values >= 0; class k is named "k", n_classes = max + 1."""
+    """The integer array ``labels`` (N,) of an .npz, values >= 0; the classes are the values present
+    (:func:`fastglow.app.classes.labels_present`)."""
     try:
         with np.load(path, allow_pickle=False) as archive:
             if NPZ_LABELS_KEY not in archive.files:
@@ -256,8 +283,29 @@ def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
                          f"of shape {labels.shape}")
     if labels.size and labels.min() < 0:
         raise InputError(f"{path}: {NPZ_LABELS_KEY!r} holds a negative class id ({labels.min()})")
-    n_classes = int(labels.max()) + 1 if labels.size else 0
-    return torch.from_numpy(labels.astype(np.int64)), [str(k) for k in range(n_classes)]
+    from .classes import labels_present
+
+    return labels_present(labels.astype(np.int64))
+
+
+def npy_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
+    """A prepared .npy's labels (``X.labels.npy`` beside it) and class names (its metadata ``X.json``)."""
+    labels_path = datasets.sidecars(path)[0]
+    if not labels_path.is_file():
+        raise InputError(f"{path}: no {labels_path.name} beside it; a class-conditional run needs one class label "
+                         "per image (fastglow prepare writes it for a folder of class subfolders)")
+    try:
+        labels = np.load(labels_path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{labels_path}: cannot read labels ({one_line(err)})") from None
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        raise InputError(f"{labels_path}: expected a 1-D array of class ids >= 0")
+    names = datasets.prepared_meta(path).get("classes")
+    if not names:
+        from .classes import labels_present
+
+        return labels_present(labels.astype(np.int64))
+    return torch.from_numpy(labels.astype(np.int64)), list(names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,33 +321,6 @@ def dequantize(levels: torch.Tensor, n_bins: int, generator: torch.Generator | N
 def bin_centres(levels: torch.Tensor, n_bins: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Deterministic dequantisation: each level to the centre of its bin, (level + 1/2) / n_bins - 1/2."""
     return (levels.to(dtype) + 0.5) / n_bins - 0.5
-
-
-class ShuffledBatches:
-    """An endless stream of index batches: each epoch a fresh permutation of range(n) drawn from ``generator``;
-    an epoch's last incomplete batch is dropped. ``state_dict``/``load_state_dict`` resume it exactly."""
-
-    def __init__(self, n: int, batch: int, generator: torch.Generator):
-        if n < batch:
-            raise InputError(f"the training split has {n} images, fewer than --batch {batch}")
-        self.n, self.batch, self.generator = n, batch, generator
-        self.perm, self.cursor, self.epoch = torch.randperm(n, generator=generator), 0, 0
-
-    def next(self) -> torch.Tensor:
-        if self.cursor + self.batch > self.n:
-            self.perm, self.cursor, self.epoch = torch.randperm(self.n, generator=self.generator), 0, self.epoch + 1
-        idx = self.perm[self.cursor:self.cursor + self.batch]
-        self.cursor += self.batch
-        return idx
-
-    def state_dict(self) -> dict:
-        return {"perm": self.perm.clone(), "cursor": self.cursor, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["perm"].shape != (self.n,):
-            raise InputError(f"the checkpoint's data order covers {state['perm'].shape[0]} images, the training "
-                             f"split has {self.n}: the data set changed since the checkpoint was written")
-        self.perm, self.cursor, self.epoch = state["perm"].clone(), int(state["cursor"]), int(state["epoch"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,8 +362,12 @@ def save_png(chw: np.ndarray, path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(chw[0] if chw.shape[0] == 1 else np.ascontiguousarray(chw.transpose(1, 2, 0)))
     tmp = path.with_name(f".{path.name}.tmp")
-    im.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        im.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never leave the temporary file behind
+        raise
 
 
 def save_image_grid(x: torch.Tensor, path, n_bins: int, nrow: int | None = None, zoom: int = 1) -> None:
@@ -350,25 +375,22 @@ def save_image_grid(x: torch.Tensor, path, n_bins: int, nrow: int | None = None,
     save_png(image_grid(to_pixels(x, n_bins), nrow=nrow, zoom=zoom), path)
 
 
-def load_split(cfg, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A run's data (``cfg``: its TrainConfig): load and split the data set, filling in cfg's data-derived
-    fields (channels, img_size, n_bins, n_bits, test_fraction) -> (train, test) uint8 levels."""
-    levels, n_bins = load_dataset(cfg.data, cfg.img_size, cfg.channels, cfg.n_bits, cfg.npz_key)
-    cfg.channels, cfg.img_size, cfg.n_bins = levels.shape[1], levels.shape[2], n_bins
+def load_split(cfg, world: int) -> tuple[datasets.Split, datasets.Split]:
+    """A run's data (``cfg``: its TrainConfig): open and split the data set, filling in cfg's data-derived
+    fields (channels, img_size, n_bins, n_bits, test_fraction) -> (train, test) splits of uint8 levels."""
+    images, n_bins = open_dataset(cfg.data, cfg.img_size, cfg.channels, cfg.n_bits, cfg.npz_key)
+    cfg.channels, cfg.img_size, cfg.n_bins = images.channels, images.size, n_bins
     if cfg.data != "digits":
         cfg.n_bits = n_bins.bit_length() - 1
-    if levels.shape[2] != levels.shape[3]:
-        raise InputError(f"{cfg.data}: images are {levels.shape[3]}x{levels.shape[2]}; pass --img-size to "
-                         "centre-crop them square")
     if cfg.img_size % 2 ** cfg.n_block:
         raise InputError(f"{cfg.data}: image size {cfg.img_size} is not a multiple of 2**n_block = "
                          f"{2 ** cfg.n_block}: use a smaller --n-block or another --img-size")
     if cfg.test_fraction is None:
         cfg.test_fraction = 0.2 if cfg.data == "digits" else 0.1
-    train_set, test_set = split_dataset(levels, cfg.test_fraction, torch.Generator().manual_seed(cfg.split_seed))
-    if test_set.shape[0] == 0 or train_set.shape[0] == 0:
-        raise InputError(f"{cfg.data}: {levels.shape[0]} images split by --test-fraction {cfg.test_fraction} "
+    train, test = datasets.split_indices(len(images), cfg.test_fraction, cfg.split_seed)
+    if test.shape[0] == 0 or train.shape[0] == 0:
+        raise InputError(f"{cfg.data}: {len(images)} images split by --test-fraction {cfg.test_fraction} "
                          "leave an empty training or held-out set")
     if cfg.batch % world:
         raise InputError(f"--batch {cfg.batch} (the global batch) must be divisible by the {world} processes")
-    return train_set, test_set
+    return datasets.Split(images, train), datasets.Split(images, test)

@@ -115,6 +115,16 @@ def broadcast_object(obj, dist: Dist):
     return box[0]
 
 
+def all_gather_objects(obj, dist: Dist) -> list:
+    """Every rank's ``obj``, in rank order ([obj] in one process)."""
+    if dist.world == 1:
+        return [obj]
+    import torch.distributed as torch_dist
+    gathered = [None] * dist.world
+    torch_dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def parameters_agree(model: torch.nn.Module, dist: Dist) -> bool:
     """Whether every rank holds bit-identical parameters and buffers (a SHA-256 of their bytes, gathered)."""
     if dist.world == 1:

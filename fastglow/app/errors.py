@@ -19,6 +19,9 @@ class TrainingError(Exception):
 
 
 def one_line(err: BaseException) -> str:
-    """The first line of ``err``'s message (or its type's name when it has none)."""
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    """The first line of ``err``'s message (or its type's name when it has none); a first line that only
+    announces the next ("Error(s) in loading state_dict for Glow:") is joined with it."""
+    text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not text:
+        return type(err).__name__
+    return f"{text[0]} {text[1]}" if text[0].endswith(":") and len(text) > 1 else text[0]

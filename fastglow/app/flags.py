@@ -74,8 +74,62 @@ def n_bits(text: str) -> int:
     return value
 
 
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def open_fraction(text: str) -> float:
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
     return value
+
+
+MAX_SEED = 2 ** 32 - 1  # numpy's seeds are 32-bit; torch's and Python's take these too
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED}, got {value}")
+    return value
+
+
+def threads(text: str) -> int:
+    """1 .. the number of CPUs this process may run on (more threads than cores only contend)."""
+    value = positive_int(text)
+    cores = available_cpus()
+    if value > cores:
+        raise argparse.ArgumentTypeError(f"must be at most {cores}, the CPUs available here, got {value}")
+    return value
+
+
+def available_cpus() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def run_folder(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
+
+
+def png_file(text: str) -> str:
+    """A file name ending in .png (what fastglow writes), not an existing folder."""
+    import os
+
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a .png file, got an empty string")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; name a .png file")
+    if not text.lower().endswith(".png"):
+        raise argparse.ArgumentTypeError(f"fastglow writes PNG images; name the file .png, got {text}")
+    return text

@@ -15,19 +15,27 @@ import torch
 from .errors import one_line
 
 
-def decode(model, z_list, y=None, reconstruct: bool = False) -> tuple[torch.Tensor | None, str | None]:
+def decode(model, z_list, y=None, reconstruct: bool = False,
+           batch: int | None = None) -> tuple[torch.Tensor | None, str | None]:
     """``model.reverse(z_list, y=y)`` -> (images, None), or (None, why) when the latents or the images are
-    not finite or a 1x1 convolution is singular (``y``: the classes of a class-conditional model)."""
+    not finite or a 1x1 convolution is singular (``y``: the classes of a class-conditional model);
+    ``batch``: decode that many images at a time (None: all at once)."""
     if not all(bool(torch.isfinite(z).all()) for z in z_list):
         return None, "the latents are non-finite"
-    try:
-        with torch.no_grad():
-            images = model.reverse(z_list, reconstruct=reconstruct, y=y)
-    except torch.linalg.LinAlgError as err:
-        return None, f"the model does not invert: {one_line(err)}"
-    if not bool(torch.isfinite(images).all()):
-        return None, "decoding gives non-finite images"
-    return images, None
+    n = z_list[0].shape[0]
+    parts = []
+    for start in range(0, n, batch or n):
+        chunk = slice(start, start + (batch or n))
+        try:
+            with torch.no_grad():
+                part = model.reverse([z[chunk] for z in z_list], reconstruct=reconstruct,
+                                     y=None if y is None else y[chunk])
+        except torch.linalg.LinAlgError as err:
+            return None, f"the model does not invert: {one_line(err)}"
+        if not bool(torch.isfinite(part).all()):
+            return None, "decoding gives non-finite images"
+        parts.append(part)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)), None
 
 
 MAX_LOG_SCALE = 80.0  # exp(+-80) stays inside float32's normal range (1.2e-38 .. 3.4e38)
@@ -36,9 +44,12 @@ MAX_LOG_SCALE = 80.0  # exp(+-80) stays inside float32's normal range (1.2e-38 .
 def lu_log_scale_max(model) -> torch.Tensor:
     """max |w_s| over the model's LU 1x1 convolutions W = P L (U + diag(sign exp(w_s))), a 0-dim tensor (no
     host sync). Past MAX_LOG_SCALE, exp(w_s) under- or overflows: W is singular in floating point although
-    the loss (which holds log|det W| = sum w_s, not W^-1) can stay finite."""
+    the loss (which holds log|det W| = sum w_s, not W^-1) can stay finite. 0 for a model without LU convs
+    (fixed permutations, :mod:`fastglow.permutation`)."""
     w_s = [flow.invconv.w_s.detach() for block in model.blocks for flow in block.flows
            if hasattr(flow.invconv, "w_s")]
+    if not w_s:
+        return next(model.parameters()).detach().new_zeros(())
     return torch.stack(torch._foreach_norm(w_s, float("inf"))).max()
 
 

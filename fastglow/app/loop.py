@@ -8,8 +8,11 @@ minimised with Adam at lr_t = lr * min(1, t / warmup) (linear warm-up, t = 1, 2,
 min(1, (T - t + 1) / cooldown) (a linear decay to zero over the last ``cooldown`` of the T steps).
 
 Multi-process (``torchrun --nproc_per_node N``, one process per GPU, or gloo on CPU): DistributedDataParallel;
-``--batch`` is the global batch, every rank draws the same global batch and noise from the same generator and
-keeps its own contiguous 1/N of it, so a run's data and results do not depend on N (up to float rounding).
+``--batch`` is the global batch; each rank's DataLoader reads only its contiguous 1/N of every global batch and
+draws that share of the global batch's noise (:mod:`fastglow.app.sampler`), so a run's data and results do not
+depend on N (up to float rounding), nor on the number of loader workers. Unreadable images met in a batch are
+filled in from the same batch, logged ("bad_images") and counted; more than ``max_bad_images`` of the training
+split stop the run like a divergence.
 ActNorm's data-dependent init uses the whole first global batch (each rank computes the same statistics; DDP's
 construction then broadcasts rank 0's parameters and buffers, so all ranks start bit-identical). Only rank 0
 writes files. A non-finite loss or gradient skips the optimizer step on every rank (the loss is all-reduced,
@@ -37,17 +40,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import CudaGraphStep, Glow, z_shapes
+from .. import CudaGraphStep, Glow
 from . import checkpoint as ckpt_io
-from . import guard, runfolder
+from . import fingerprint, guard, runfolder
 from .config import TrainConfig, resolve_config
-from .classes import class_grid_labels, classification_accuracy, split_labels
-from .data import ShuffledBatches, dequantize, load_labels, load_split, save_image_grid
+from .classes import classification_accuracy, run_labels, sample_grid_latents
+from .data import load_split, save_image_grid
+from .datasets import Split
 from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, pick_backend,
-                          setup_distributed, shard, teardown, wrap_model)
+                          setup_distributed, teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError, one_line
 from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
 from .progress import progress
+from .sampler import TrainData
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,15 +63,15 @@ class RunState:
     """Everything a run carries from step to step (a checkpoint holds what a resume needs of it)."""
     cfg: TrainConfig
     dist: Dist
-    train_set: torch.Tensor  # uint8 levels
-    test_set: torch.Tensor
+    train_set: Split  # uint8 levels
+    test_set: Split
     model: Glow
     optimizer: torch.optim.Optimizer
-    data_gen: torch.Generator  # the data order and the dequantisation noise
-    batches: ShuffledBatches
+    data: TrainData  # the data order, the loader, the dequantisation noise, the unreadable images met
     log: ckpt_io.MetricsLog
     net: torch.nn.Module | None = None  # the model, in DistributedDataParallel under torchrun
     z_sample: list[torch.Tensor] = dataclasses.field(default_factory=list)  # latents of every sample grid
+    dataset: dict = dataclasses.field(default_factory=dict)  # held-out keys, fingerprint (app/fingerprint.py)
     train_labels: torch.Tensor | None = None  # int64 class ids (class-conditional runs)
     test_labels: torch.Tensor | None = None
     y_sample: torch.Tensor | None = None  # classes of the sample grid's images: one row per class
@@ -91,12 +96,6 @@ class RunState:
     def out(self) -> Path:
         return Path(self.cfg.out)
 
-    def next_global_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(images, their labels or None) of the next global batch."""
-        idx = self.batches.next()
-        labels = None if self.train_labels is None else self.train_labels[idx]
-        return dequantize(self.train_set[idx], self.cfg.n_bins, self.data_gen), labels
-
 
 def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = False,
                     lock: runfolder.RunLock | None = None) -> RunState:
@@ -104,6 +103,7 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     (see :mod:`fastglow.app.runfolder`); rank 0 takes ``lock`` on the folder first."""
     out = Path(options.get("out") or TrainConfig.out)
     options["out"] = str(out)
+    fingerprint.check_out_outside_data(out, options.get("data"))
     found = runfolder.find_checkpoint(out, resume, new_run, lock, dist)
     cfg = resolve_config(options, found[1]["config"] if found else None, found[0] if found else "")
     cfg.backend = pick_backend(cfg.backend, dist.device)
@@ -112,35 +112,19 @@ def start_or_resume(options: dict, resume: bool, dist: Dist, new_run: bool = Fal
     if cfg.cuda_graph and dist.device.type != "cuda" and dist.main:
         print("--cuda-graph: no CUDA device, each step runs eagerly", file=sys.stderr)
     state = _new_state(cfg, dist)
+    state.z_sample, state.y_sample = sample_grid_latents(cfg)  # first: a grid too large is refused before a resume
     if found:
         _restore(state, *found)
     else:
-        _initialise(state, resume)
+        _initialise(state)
     state.net = wrap_model(state.model, dist)
-    gen = torch.Generator().manual_seed(cfg.seed + 1)
-    n_sample = cfg.n_sample
-    if cfg.conditional:  # one row per class
-        per_class = max(1, cfg.n_sample // cfg.n_classes)
-        state.y_sample, n_sample = class_grid_labels(cfg.n_classes, per_class), per_class * cfg.n_classes
-    state.z_sample = [cfg.temperature * torch.randn(n_sample, *s, generator=gen)
-                      for s in z_shapes(cfg.channels, cfg.img_size, cfg.n_block)]
     return state
-
-
-def _load_class_labels(cfg: TrainConfig, n_images: int):
-    """Class-conditional runs: the data's labels split like the images, filling in cfg.n_classes and
-    cfg.class_names -> (train, test) int64 labels; (None, None) for an unconditional run."""
-    if not cfg.conditional:
-        return None, None
-    labels, cfg.class_names = load_labels(cfg.data, n_images)
-    cfg.n_classes = len(cfg.class_names)
-    return split_labels(labels, cfg.test_fraction, cfg.split_seed)
 
 
 def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     """The data, and a seeded model, optimizer and data order at step 0 (before ActNorm's init or a resume)."""
     train_set, test_set = load_split(cfg, dist.world)
-    train_labels, test_labels = _load_class_labels(cfg, train_set.shape[0] + test_set.shape[0])
+    train_labels, test_labels = run_labels(cfg, len(train_set) + len(test_set))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -148,42 +132,51 @@ def _new_state(cfg: TrainConfig, dist: Dist) -> RunState:
     random.seed(cfg.seed)
     model = build_model(cfg).to(dist.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    batches = ShuffledBatches(train_set.shape[0], cfg.batch, data_gen)
+    data = TrainData(train_set, train_labels, cfg, dist)
     log = ckpt_io.MetricsLog(Path(cfg.out) / "metrics.jsonl", dist.main)
     if dist.main:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return RunState(cfg, dist, train_set, test_set, model, optimizer, data_gen, batches, log,
+    dataset = fingerprint.record(cfg.data, train_set, test_set, cfg.n_bins, cfg.test_fraction, cfg.split_seed)
+    return RunState(cfg, dist, train_set, test_set, model, optimizer, data, log, dataset=dataset,
                     train_labels=train_labels, test_labels=test_labels)
 
 
 def _restore(state: RunState, path: str, ckpt: dict) -> None:
     """Load a training checkpoint into ``state``: weights, optimizer, data order, every RNG, counters."""
+    fingerprint.check_resume(ckpt.get("dataset"), state.dataset, state.cfg.data, path)
     try:
         state.model.load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
     except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"{path}: does not fit the run's model ({err})") from None
-    state.batches.load_state_dict(ckpt["data"])
-    ckpt_io.restore_rng(ckpt["rng"], state.data_gen)
+    state.data.load_state_dict(ckpt["data"], path)
+    ckpt_io.restore_rng(ckpt["rng"])
     state.step, state.elapsed, state.skipped = ckpt["step"], ckpt.get("elapsed", 0.0), ckpt.get("skipped", 0)
     state.resumed_from, state.run_id, state.saved_step = path, ckpt.get("run_id"), state.step
+    state.window = list(ckpt.get("window", []))
+    state.test_bpd, state.test_accuracy = ckpt.get("test_bpd"), ckpt.get("test_accuracy")
+    if state.step >= state.cfg.steps:  # a finished run: nothing to do, nothing written
+        grid = state.out / "samples" / f"step_{state.step:08d}.png"
+        state.sample = str(grid) if grid.is_file() else None
+        if state.dist.main:
+            print(f"the run finished at step {state.step} ({path}): nothing to do (raise --steps to train on)",
+                  file=sys.stderr)
+        return
     state.log.truncate_after(state.step)
     state.log.write(event="resume", step=state.step, checkpoint=str(path))
     if state.dist.main:
         print(f"resuming from {path} (step {state.step})", file=sys.stderr)
 
 
-def _initialise(state: RunState, resume: bool) -> None:
+def _initialise(state: RunState) -> None:
     """A new run: ActNorm's data-dependent init on the whole first global batch, a fresh metrics log."""
-    if resume and state.dist.main:
-        print(f"no checkpoint in {state.out}: starting a new run", file=sys.stderr)
     state.run_id = broadcast_object(uuid.uuid4().hex, state.dist)
-    x, y = state.next_global_batch()
+    x, y = state.data.first_batch()
     with torch.no_grad():
-        state.model(x.to(state.dist.device), None if y is None else y.to(state.dist.device))
+        state.model(x, y)
     state.log.write(event="start", step=0, config=dataclasses.asdict(state.cfg), world_size=state.dist.world,
-                    n_train=state.train_set.shape[0], n_test=state.test_set.shape[0], run_id=state.run_id)
+                    n_train=len(state.train_set), n_test=len(state.test_set), run_id=state.run_id,
+                    workers=state.data.workers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,9 +187,7 @@ def train_step(state: RunState) -> tuple[float, float]:
     non-finite) -> (learning rate, gradient norm)."""
     cfg, dist = state.cfg, state.dist
     before = _resumable_extra(state)  # the state these weights belong to, should their loss prove finite
-    x, y = state.next_global_batch()
-    x = shard(x, dist).to(dist.device, non_blocking=True)
-    y = None if y is None else shard(y, dist).to(dist.device, non_blocking=True)
+    x, y, bad = state.data.batch(state.step + 1)
     state.step += 1
     lr = learning_rate(cfg, state.step)
     for group in state.optimizer.param_groups:
@@ -207,9 +198,10 @@ def train_step(state: RunState) -> tuple[float, float]:
     except torch.linalg.LinAlgError as err:  # the reversible backward inverts the 1x1 convolutions
         _diverge(state, f"the model stopped being invertible at step {state.step} ({one_line(err)})")
     stats = torch.stack([loss.detach().float(), gradient_norm(state.model.parameters()).float().to(loss.device),
-                         guard.lu_log_scale_max(state.model).float().to(loss.device)])
+                         guard.lu_log_scale_max(state.model).float().to(loss.device),
+                         torch.tensor(float(len(bad) * dist.world), device=loss.device)])
     stats = all_reduce_sum(stats, dist) / dist.world  # gradients (hence their norm) already agree across ranks
-    train_bpd, grad_norm, log_scale = stats.tolist()
+    train_bpd, grad_norm, log_scale, n_bad = stats.tolist()
     if not log_scale < guard.MAX_LOG_SCALE:
         _diverge(state, f"a 1x1 convolution became singular by step {state.step} (|log scale| {log_scale:.3g})")
     if np.isfinite(train_bpd) and np.isfinite(grad_norm):
@@ -219,6 +211,8 @@ def train_step(state: RunState) -> tuple[float, float]:
         state.window.append(train_bpd)
     else:
         _skip_step(state, train_bpd, grad_norm)
+    if n_bad and (why := state.data.record_bad(bad, state.step, state.log)):
+        _diverge(state, why, hint="repair them, then --resume (or resume with a higher --max-bad-images)")
     state.elapsed = time.perf_counter() - state.started
     return lr, grad_norm
 
@@ -256,10 +250,12 @@ def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:
     if state.window:
         bar.set_postfix_str(f"bpd={state.window[-1]:.3f} lr={lr:.2e}"
                             + (f" rec={max(rec['reconstruction_error'], key=float):.1e}" if rec else "")
-                            + (f" test={state.test_bpd:.3f}" if state.test_bpd else ""), refresh=False)
+                            + (f" test={state.test_bpd:.3f}" if state.test_bpd else "")
+                            + (f" bad={len(state.data.bad)}" if state.data.bad else ""), refresh=False)
     if state.step % state.cfg.log_every == 0 and state.window:
         state.log.write(event="train", step=state.step, train_bpd=float(np.mean(state.window)), lr=lr,
-                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped, **rec)
+                        grad_norm=grad_norm, elapsed_s=round(state.elapsed, 3), skipped_total=state.skipped,
+                        bad_images_total=len(state.data.bad), **rec)
         state.window = []
 
 
@@ -314,7 +310,8 @@ def save(state: RunState) -> None:
 def _resumable_extra(state: RunState) -> dict:
     """What a checkpoint holds besides the weights and the optimizer: step, counters, RNGs, data order."""
     return {"step": state.step, "elapsed": state.elapsed, "skipped": state.skipped, "test_bpd": state.test_bpd,
-            "rng": ckpt_io.capture_rng(state.data_gen), "data": state.batches.state_dict()}
+            "test_accuracy": state.test_accuracy, "window": list(state.window),
+            "rng": ckpt_io.capture_rng(), "data": state.data.state_dict(state.step + 1)}
 
 
 def _write_checkpoint(state: RunState, tensors: dict, extra: dict) -> None:
@@ -322,7 +319,7 @@ def _write_checkpoint(state: RunState, tensors: dict, extra: dict) -> None:
     if not state.dist.main:
         return
     payload = {**tensors, **{k: v for k, v in extra.items() if k != "step"},
-               "config": dataclasses.asdict(state.cfg), "run_id": state.run_id}
+               "config": dataclasses.asdict(state.cfg), "run_id": state.run_id, "dataset": state.dataset}
     state.checkpoint = str(ckpt_io.save_checkpoint(state.out, extra["step"], payload, state.cfg.keep))
     state.log.write(event="checkpoint", step=extra["step"], path=state.checkpoint)
 
@@ -332,7 +329,7 @@ def _unsound(state: RunState) -> str | None:
     a few sample latents), or None; the same answer on every rank."""
     cfg, dist = state.cfg, state.dist
     labels = None if state.test_labels is None else state.test_labels[:cfg.batch]
-    bpd = evaluate(state.model, state.test_set[:cfg.batch], cfg.n_bins, cfg.eval_batch, cfg.seed, dist, labels)
+    bpd = evaluate(state.model, state.test_set.head(cfg.batch), cfg.n_bins, cfg.eval_batch, cfg.seed, dist, labels)
     if not math.isfinite(bpd):
         return f"the held-out bits/dim is {bpd}"
     y = None if state.y_sample is None else state.y_sample[:4].to(dist.device)
@@ -340,9 +337,10 @@ def _unsound(state: RunState) -> str | None:
     return broadcast_object(why, dist)
 
 
-def _diverge(state: RunState, reason: str):
+def _diverge(state: RunState, reason: str, hint: str = "try a lower --lr or a longer --warmup"):
     """Stop the run: keep the newest state whose training loss was finite (if sound and newer than the last
     checkpoint), log it, and raise a one-line TrainingError naming the checkpoint to resume from."""
+    state.data.close()
     good = state.last_good
     if good.step is not None and good.step > state.saved_step:
         state.model.load_state_dict(good.tensors["model"])
@@ -351,7 +349,7 @@ def _diverge(state: RunState, reason: str):
             _write_checkpoint(state, good.tensors, good.extra)
     kept = state.checkpoint or state.resumed_from
     state.log.write(event="stop", step=state.step, reason=reason, checkpoint=kept)
-    raise TrainingError(f"{reason} (last checkpoint: {kept or 'none'}); try a lower --lr or a longer --warmup")
+    raise TrainingError(f"{reason} (last checkpoint: {kept or 'none'}); {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,13 +366,15 @@ def train(options: dict) -> dict:
         summary = run(start_or_resume(options, resume, dist, new_run, lock))
         return summary
     finally:
-        lock.release()
+        lock.release(failed=summary is None)
         teardown(dist, finished=summary is not None)
 
 
 def run(state: RunState) -> dict:
     """Train from ``state.step`` to ``cfg.steps``, evaluating and saving on schedule and at the end -> summary."""
     cfg = state.cfg
+    if state.resumed_from and state.step >= cfg.steps:
+        return _summary(state, state.elapsed)
     bar = progress(cfg.steps, min(state.step, cfg.steps), state.dist.main and cfg.progress)
     state.started = time.perf_counter() - state.elapsed
     last_eval = last_ckpt = state.step
@@ -388,6 +388,7 @@ def run(state: RunState) -> dict:
             save(state)
             last_ckpt = state.step
     bar.close()
+    state.data.close()
     if last_eval != state.step or state.test_bpd is None:
         evaluate_and_sample(state)
     if last_ckpt != state.step:
@@ -395,7 +396,11 @@ def run(state: RunState) -> dict:
     elapsed = time.perf_counter() - state.started
     state.log.write(event="done", step=state.step, test_bpd=state.test_bpd, elapsed_s=round(elapsed, 3),
                     skipped_total=state.skipped)
+    return _summary(state, elapsed)
+
+
+def _summary(state: RunState, elapsed: float) -> dict:
     return {"test_bpd": state.test_bpd, "sample": state.sample, "checkpoint": state.checkpoint or state.resumed_from,
-            "test_accuracy": state.test_accuracy,
-            "skipped": state.skipped, "step": state.step, "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg),
-            "rank": state.dist.rank, "world_size": state.dist.world}
+            "test_accuracy": state.test_accuracy, "skipped": state.skipped, "step": state.step,
+            "elapsed_s": elapsed, "config": dataclasses.asdict(state.cfg), "rank": state.dist.rank,
+            "world_size": state.dist.world}

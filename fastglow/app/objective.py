@@ -8,11 +8,13 @@ import torch
 from .. import Glow, bits_per_dim
 from .config import TrainConfig
 from .data import dequantize
+from .datasets import take
 from .distributed import Dist, all_reduce_sum
 
 
 def build_model(cfg: TrainConfig) -> Glow:
     return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
+                permutation=cfg.permutation,
                 hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible,
                 n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight,
                 **(dict(validate=False, reversible_tol=None) if cfg.cuda_graph else {}))  # no host syncs
@@ -40,14 +42,16 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 @torch.no_grad()
 def evaluate(model, levels: torch.Tensor, n_bins: int, batch: int, seed: int, dist: Dist,
              labels: torch.Tensor | None = None) -> float:
-    """Mean bits/dim over ``levels`` with fixed dequantisation noise (seeded), sharded over the ranks; with
-    ``labels`` (a class-conditional model), of log p(x | label)."""
+    """Mean bits/dim over ``levels`` (a tensor or a data set split: its unreadable images left out) with fixed
+    dequantisation noise (seeded), sharded over the ranks; with ``labels`` (a class-conditional model), of
+    log p(x | label)."""
     gen = torch.Generator().manual_seed(seed)
     total = torch.zeros(2, dtype=torch.float64, device=dist.device)
     for start in range(0, levels.shape[0], batch):
-        x = dequantize(levels[start:start + batch], n_bins, gen)[dist.rank::dist.world].to(dist.device)
+        chunk, chunk_labels = take(levels, labels, start, start + batch)
+        x = dequantize(chunk, n_bins, gen)[dist.rank::dist.world].to(dist.device)
         if x.shape[0]:
-            y = None if labels is None else labels[start:start + batch][dist.rank::dist.world].to(dist.device)
+            y = None if labels is None else chunk_labels[dist.rank::dist.world].to(dist.device)
             log_p, logdet, _ = model(x) if y is None else model(x, y)
             bpd = bits_per_dim(log_p, logdet, x.shape, n_bins, reduction="none")
             total += torch.stack([bpd.double().sum(), total.new_tensor(x.shape[0])])

@@ -7,9 +7,11 @@ Under torchrun only rank 0 takes it. What the folder holds decides how a run sta
     no checkpoint, metrics.jsonl or sample grid          -> a new run (with or without --resume)
     a readable training checkpoint                      -> --resume continues from the newest one;
                                                            without --resume: refused
-    an earlier run's files but no readable checkpoint   -> refused with one line naming the unreadable files;
-                                                           --new-run first moves the earlier files (all of
-                                                           them) into ``earlier-run-<UTC time>/``, then starts
+    unreadable checkpoints, none readable               -> refused with one line naming them; --new-run
+                                                           first moves the earlier files (all of them) into
+                                                           ``earlier-run-<UTC time>/``, then starts
+    an earlier run's metrics or grids, no checkpoint    -> without --resume or --new-run: refused; with either
+    (a run stopped before its first checkpoint)            the files move aside as above, and a new run starts
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ except ImportError:  # not POSIX (Windows): no lock
     fcntl = None
 
 PID_FILE = "trainer.pid"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 
@@ -37,10 +40,13 @@ class RunLock:
     """An exclusive, non-blocking lock on a run folder, held from :meth:`acquire` to :meth:`release`."""
 
     def __init__(self, out: Path):
-        self.out, self.fd = Path(out), None
+        self.out, self.fd, self.created = Path(out), None, False
 
     def acquire(self) -> None:
         """Create ``out`` if needed and lock it, or refuse naming the PID of the trainer that holds it."""
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"--out {self.out}: is a file; a run folder is a folder (choose another --out)")
+        self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
             return
@@ -52,6 +58,7 @@ class RunLock:
             raise InputError(f"{self.out}: another trainer is running in this folder (PID {self._holder()}); "
                              "wait for it to end, or choose another --out") from None
         self.fd = fd
+        _HELD.add(fd)
         try:
             (self.out / PID_FILE).write_text(f"{os.getpid()}\n", encoding="utf-8")
         except OSError:
@@ -63,14 +70,32 @@ class RunLock:
         except OSError:
             return "unknown"
 
-    def release(self) -> None:
+    def release(self, failed: bool = False) -> None:
+        """Unlock; after a ``failed`` run, remove ``out`` again if this lock created it and it stayed empty."""
         if self.fd is None:
             return
         pid_file = self.out / PID_FILE
         if self._holder() == str(os.getpid()):
             pid_file.unlink(missing_ok=True)  # ours: we still hold the lock, nobody else can have written it
+        _HELD.discard(self.fd)
+        if failed and self.created:
+            try:
+                self.out.rmdir()  # only an empty folder: a refused run leaves no trace
+            except OSError:
+                pass
         os.close(self.fd)  # closing the descriptor drops the flock
         self.fd = None
+
+
+def close_inherited_locks(*_) -> None:
+    """In a forked child (a DataLoader worker): close its copies of the parent's lock descriptors, so that the
+    lock ends with the trainer (a kill -9 included), not with the last of its workers."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 def earlier_files(out: Path) -> list[Path]:
@@ -96,13 +121,17 @@ def prepare(out: Path, resume: bool, new_run: bool) -> tuple[Path, dict] | None:
                          "or choose another --out")
     earlier = earlier_files(out)
     if not earlier:
+        if resume:
+            print(f"no checkpoint in {out}: starting a new run", file=sys.stderr)
         return None
-    if not new_run:
+    nothing_to_lose = resume and not unreadable  # stopped before its first checkpoint: only logs and grids
+    if not (new_run or nothing_to_lose):
         raise InputError(f"{out}: {_describe(out, unreadable, earlier)}; nothing was changed. Pass --new-run "
                          "to start a new run here (the earlier files move to earlier-run-<time>/), or choose "
                          "another --out")
     moved_to = move_aside(out)
-    print(f"fastglow: the earlier run's files moved to {moved_to}", file=sys.stderr)
+    why = "no checkpoint to resume (the run stopped before its first one)" if nothing_to_lose else "--new-run"
+    print(f"fastglow: {why}: the earlier run's files moved to {moved_to}; starting a new run", file=sys.stderr)
     return None
 
 
