@@ -353,20 +353,26 @@ class Block(nn.Module):
             eps = gaussian_sample(eps, *self.prior_params(kept, shift))
         return torch.cat([kept, eps], 1) if self.split else eps
 
-    def forward(self, x, shift=None):
+    def run_flows(self, x, reverse=False):
+        """The level's squeeze and K flow steps, x -> (out, logdet [B]); ``reverse``: out -> x, the inverse."""
+        if reverse:
+            for flow in self.flows[::-1]:
+                x = flow.reverse(x)
+            return unsqueeze2d(x)
         out = squeeze2d(x)
         logdet = x.new_zeros(x.shape[0])
         for flow in self.flows:
             out, det = flow(out)
             logdet = logdet + det
+        return out, logdet
+
+    def forward(self, x, shift=None):
+        out, logdet = self.run_flows(x)
         kept, log_p, z = self.split_off(out, shift)
         return kept, logdet, log_p, z
 
     def reverse(self, kept, eps, reconstruct=False, shift=None):
-        x = self.merge(kept, eps, reconstruct, shift)
-        for flow in self.flows[::-1]:
-            x = flow.reverse(x)
-        return unsqueeze2d(x)
+        return self.run_flows(self.merge(kept, eps, reconstruct, shift), reverse=True)
 
 
 class Glow(ClassConditional, nn.Module):
@@ -404,7 +410,8 @@ class Glow(ClassConditional, nn.Module):
         z_outs = []
         out = x
         for block, shift in zip(self.blocks, self.prior_shifts(y, required=True)):
-            out, det, log_p, z = block(out, shift)
+            out, det = self.run_level(block, out)
+            out, log_p, z = block.split_off(out, shift)
             z_outs.append(z)
             logdet = logdet + det
             log_p_sum = log_p_sum + log_p
@@ -414,8 +421,12 @@ class Glow(ClassConditional, nn.Module):
         x = z_list[-1]
         shifts = self.prior_shifts(y, required=not reconstruct)
         for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
-            x = block.reverse(x, z, reconstruct=reconstruct, shift=shift)
+            x = self.run_level(block, block.merge(x, z, reconstruct, shift), reverse=True)
         return x
+
+    def run_level(self, block, x, reverse=False):
+        """The one hook of the level loop (:meth:`Block.run_flows` here; fastglow.Glow runs levels fast)."""
+        return block.run_flows(x, reverse)
 
 
 def _strip_data_parallel_prefix(module, state_dict, prefix, *_args):

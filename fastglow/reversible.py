@@ -19,7 +19,13 @@ that relative distance (not necessarily within it elementwise: ReLU kinks make g
 What is kept: the level output x_K costs nothing, the split's kept half and latent are views of it (measured in
 tests/test_reversible.py through saved-tensor hooks); x_0 is the squeezed copy of the level's input, one
 level-input-sized tensor per level (under 2 images' worth over all levels), independent of K.
-Double backward is not supported."""
+Double backward is not supported.
+
+As an op: a level's forward is ``fastglow::reversible_level`` (x, the steps' parameter tensors, the level's
+:class:`LevelHandle` key and options -> y, logdet), registered with torch.library with a fake implementation
+and an autograd formula that calls ``fastglow::reversible_level_backward`` (the reversible backward, trust
+check and fallback included). Both are opaque to torch.compile, so a compiled graph holds one op per level and
+its backward one op per level; torch.export keeps them too."""
 
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ import torch
 from torch import nn
 
 from .backends import BACKEND_PRIMITIVES, select_backend
-from .kernels.utils import fake_or_meta, under_functorch
+from .kernels.utils import fake_or_meta, functorch_dispatch, under_functorch
 from .level_backward import batch_slices, call_with, level_backward, parameter_slots, replay_level_backward
 from .reference import ActNorm
 
@@ -167,7 +173,7 @@ def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, backend, optio
 def step_slots(step: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
     """:func:`fastglow.level_backward.parameter_slots`, or on an ``nn.DataParallel`` replica (whose parameters
     are plain attributes, so ``parameters()`` is empty) the replicated tensors, found as DataParallel lists
-    them (``_former_parameters``): the one place fastglow reads a private torch attribute, for that wrapper."""
+    them (``_former_parameters``, a private attribute: read for that wrapper only)."""
     slots = parameter_slots(step)
     if slots or not any(getattr(m, "_is_replica", False) for m in step.modules()):
         return slots
@@ -208,7 +214,7 @@ def _level_backward(x0, y, grad_y, grad_logdet, params, key, backend, mix_precis
     backend_steps = handle.resolve(backend, mix_precision, x0)
     tensors = iter(params)
     slots = [[(m, n, next(tensors)) for m, n, _ in step_slots(step)] for step in steps]
-    with _autocast(handle.autocast):
+    with _autocast(handle.autocast), functorch_dispatch():
         result = level_backward(steps, y, grad_y, grad_logdet, backend_steps, x0=x0, chunk=chunk, slots=slots)
         if handle.monitor is not None:
             handle.monitor.record(handle.level, result.error)
@@ -217,10 +223,18 @@ def _level_backward(x0, y, grad_y, grad_logdet, params, key, backend, mix_precis
             _report_fallback(handle, error, tol)
             result = replay_level_backward(steps, x0, grad_y, grad_logdet, backend_steps, chunk, slots)
     grads = [g for step_grads in result.param_grads for g in step_grads]
-    # an op's outputs may not alias one another: gradients of stacked parameters (one batched LU launch) are
-    # views of one tensor, so those are copied (parameter-sized)
-    grads = [torch.zeros_like(p) if g is None else g if g._base is None else g.clone() for p, g in zip(params, grads)]
-    return [result.grad_x] + grads
+    return _distinct([result.grad_x] + [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+
+
+def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An op's outputs may not share memory: gradients of stacked parameters (one batched LU launch) are views
+    of one tensor, so every tensor whose storage an earlier one uses is copied (parameter-sized)."""
+    seen, out = set(), []
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        out.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return out
 
 
 def _level_shapes(x, *_):

@@ -70,3 +70,23 @@ def test_every_kernel_op_is_checked():
                   if type(obj).__name__ == "CustomOpDef"}
     assert len(registered) == 10 and all(name.startswith("fastglow::") for name in registered)
     assert registered == {op._qualname for _, op, _ in CASES}
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton"])
+def test_opcheck_level_ops(backend):
+    """The reversible level op and its backward, on a small initialised level (float64)."""
+    from functools import partial
+
+    import fastglow
+    from fastglow.reversible import reversible_level, reversible_level_grad, step_slots
+    from fastglow.testing import models_on_one_state
+    _, (model,) = models_on_one_state([partial(fastglow.Glow, 3, 2, 2, hidden_channels=4, backend=backend)],
+                                      (2, 3, 4, 4), sigma=0.2, dtype=torch.float64)
+    flows = model.blocks[0].flows
+    params = [t.detach().requires_grad_() for flow in flows for _, _, t in step_slots(flow)]
+    x = _randn(2, 12, 2, 2, grad=True)
+    args = (model._level_handles[0].key, backend, "ieee", 1e-6, None)
+    torch.library.opcheck(reversible_level, (x, params, *args))
+    y, _ = reversible_level(x.detach(), [p.detach() for p in params], *args)
+    torch.library.opcheck(reversible_level_grad, (x.detach(), y, _randn(*y.shape), _randn(2),
+                                                  [p.detach() for p in params], *args))

@@ -93,3 +93,16 @@ def call(op, *args):
     if under_functorch(*args):
         return op.functorch_function.apply(*args)
     return op(*args)
+
+
+_FUNCTORCH_KEYS = ("FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchGradWrapper",
+                   "FuncTorchBatched", "FuncTorchVmapMode")
+
+
+def functorch_dispatch():
+    """A context in which torch.func transforms run even inside an op's implementation reached through a
+    TorchDispatchMode (which excludes functorch's dispatch keys there): the op's own vjps need them."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in _FUNCTORCH_KEYS:
+        exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
