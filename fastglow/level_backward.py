@@ -22,8 +22,9 @@ samples, beyond them only level-sized tensors. The first step's rebuilt input x�
 x_0 (:func:`relative_error`).
 
 Parameters are explicit tensors (``slots``: per step, (owner module, name within the step, tensor)); the modules
-run with them through ``torch.func.functional_call`` and every vector-Jacobian product is a ``torch.func.vjp``,
-so the algorithm runs inside an op's implementation (where autograd does not record) and never edits a module.
+run with leaves of them through ``torch.func.functional_call`` and every vector-Jacobian product is one
+``torch.autograd.grad``, so no module is ever edited. (Inside an op's implementation autograd does not record:
+:func:`fastglow.reversible.reversible_level_grad` lets it for this algorithm.)
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
-
-from .backends.base import FoldedMix
 
 
 def parameter_slots(step: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
@@ -77,7 +76,7 @@ def level_backward(steps, y, grad_y, grad_logdet, backend, x0=None, chunk=None, 
     ``slots``: each step's parameters to differentiate (:func:`parameter_slots`, the default).
 
     The folded maps are built ``backend.fold_group`` steps at a time (None: the whole level at once) under one
-    ``torch.func.vjp``, which takes that group's ∂L/∂(M, m) to its parameters once its steps are done."""
+    ``torch.autograd.grad``, which takes that group's ∂L/∂(M, m) to its parameters once its steps are done."""
     slots = [parameter_slots(step) for step in steps] if slots is None else slots
     grads = _GradientSums(steps, slots)
     parts = batch_slices(y.shape[0], chunk)
@@ -86,28 +85,25 @@ def level_backward(steps, y, grad_y, grad_logdet, backend, x0=None, chunk=None, 
     out, grad = y, grad_y
     for end in range(len(steps), 0, -group):
         first = max(0, end - group)
-        folded, fold_vjp = _fold_with_vjp(steps[first:end], grads.fold_slots[first:end], backend)
+        folded, leaves = _fold_with_leaves(steps[first:end], grads.fold_slots[first:end], backend)
         mixes = []
         for k in reversed(range(first, end)):
             owned = k < len(steps) - 1  # the level's y (the user's latents) and grad_y are not ours to write
             out, grad, mix = _step_backward(steps[k], k, folded[k - first], out, grad, grad_logdet, backend, grads,
                                             parts, owned)
             mixes.append(mix)
-        cotangents = [(gw, gb, torch.zeros_like(f.logdet_per_pixel) if logdet_grad is None else logdet_grad)
-                      for f, (gw, gb) in zip(folded, mixes[::-1])]
-        grads.add(grads.fold_slots[first:end], fold_vjp(cotangents))
+        pairs = []
+        for f, (grad_weight, grad_bias) in zip(folded, mixes[::-1]):
+            pairs += [(f.mix_weight, grad_weight), (f.mix_bias, grad_bias), (f.logdet_per_pixel, logdet_grad)]
+        grads.add(grads.fold_slots[first:end], _grad([(t, g) for t, g in pairs if g is not None], leaves))
     return LevelGradients(grad, grads.per_step(), None if x0 is None else relative_error(out, x0))
 
 
-def _fold_with_vjp(steps, fold_slots, backend):
-    """``backend.fold(steps)`` at the slots' tensors -> (folded maps, vjp from [(∂M, ∂m, ∂logdet_pp)] per step)."""
-    def fold(*tensors):
-        folded = call_with(steps, fold_slots, tensors, backend.fold)
-        return ([(f.mix_weight, f.mix_bias, f.logdet_per_pixel) for f in folded],
-                [(f.mix_weight_inv, f.mix_bias_inv) for f in folded])
-
-    outs, fold_vjp, inverses = torch.func.vjp(fold, *_tensors(fold_slots), has_aux=True)
-    return [FoldedMix(w, b, w_inv, b_inv, ld) for (w, b, ld), (w_inv, b_inv) in zip(outs, inverses)], fold_vjp
+def _fold_with_leaves(steps, fold_slots, backend):
+    """``backend.fold(steps)`` with grad at leaves of the slots' tensors -> (folded maps, the leaves)."""
+    leaves = [t.detach().requires_grad_() for t in _tensors(fold_slots)]
+    with torch.enable_grad():
+        return call_with(steps, fold_slots, leaves, backend.fold), leaves
 
 
 def _tensors(slots) -> list[torch.Tensor]:
@@ -129,23 +125,32 @@ def _step_backward(step, k, fold, out, grad, grad_logdet, backend, grads, parts,
 
 
 def _chunk_backward(step, k, fold, out, grad, grad_logdet, backend, grads, owned):
-    """One step's backward on one batch chunk: the network once (under torch.func.vjp), the coupling and mix
-    primitives. The vjp's own wrapper of out's first half keeps its own version counter, so the coupling
-    primitive may rebuild out's second half in place while the network's graph holds the first."""
+    """One step's backward on one batch chunk: the network once, the coupling and mix primitives. The network
+    reads a copy of out's first half (half a step input: the coupling primitive may rebuild out's second half
+    in place while the network's graph holds what it read, and a view would share out's version counter)."""
     half = out.shape[1] // 2
     net_slots = [grads.net_slots[k]]
-
-    def net(out_a, *tensors):
-        return call_with([step], net_slots, tensors, lambda s, v: tuple(backend.coupling_net(s[0].coupling, v)), out_a)
-
-    net_out, net_vjp = torch.func.vjp(net, out[:, :half], *_tensors(net_slots))
-    y, grad_y, grad_net = backend.coupling_backward(out, grad, list(net_out), grad_logdet, step.coupling.affine,
-                                                    reuse=owned)
-    grad_a, *net_grads = net_vjp(tuple(grad_net))
-    grad_y[:, :half] += grad_a
+    out_a = out[:, :half].clone().requires_grad_()
+    leaves = [t.detach().requires_grad_() for t in _tensors(net_slots)]
+    with torch.enable_grad():
+        net_out = call_with([step], net_slots, leaves, lambda s, v: tuple(backend.coupling_net(s[0].coupling, v)),
+                            out_a)
+    y, grad_y, grad_net = backend.coupling_backward(out, grad, [t.detach() for t in net_out], grad_logdet,
+                                                    step.coupling.affine, reuse=owned)
+    grad_a, *net_grads = _grad(list(zip(net_out, grad_net)), [out_a, *leaves])
+    if grad_a is not None:
+        grad_y[:, :half] += grad_a
     grads.add(net_slots, net_grads)
     x, grad_x, grad_mix_weight, grad_mix_bias = backend.mix_backward(y, grad_y, fold)
     return x, grad_x, (grad_mix_weight, grad_mix_bias)
+
+
+def _grad(pairs, inputs) -> list[torch.Tensor | None]:
+    """One ``torch.autograd.grad`` of the (output, cotangent) pairs that carry grad, into ``inputs``."""
+    pairs = [(t, g) for t, g in pairs if t.requires_grad]
+    if not pairs:
+        return [None] * len(inputs)
+    return list(torch.autograd.grad([t for t, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True))
 
 
 class _GradientSums:
@@ -200,10 +205,12 @@ def _step_forward(step, step_slots, tensors, x, backend):
 
 def recompute_step_backward(step, slots, x, grad_y, grad_logdet, *, backend):
     """Vector-Jacobian product of one step at its input x: -> (∂L/∂x, [∂L/∂θ per slot]), recomputing
-    (y, ld) = f(x; θ) at the slots' tensors under ``torch.func.vjp``; the step's graph is freed on return."""
-    (y, logdet), step_vjp = torch.func.vjp(lambda v, *ts: _step_forward(step, slots, ts, v, backend), x,
-                                           *_tensors([slots]))
-    grad_x, *param_grads = step_vjp((grad_y, torch.zeros_like(logdet) if grad_logdet is None else grad_logdet))
+    (y, ld) = f(x; θ) with grad at leaves of x and of the slots' tensors; the step's graph is freed on return."""
+    x_leaf = x.detach().requires_grad_()
+    leaves = [t.detach().requires_grad_() for t in _tensors([slots])]
+    with torch.enable_grad():
+        y, logdet = _step_forward(step, slots, leaves, x_leaf, backend)
+    grad_x, *param_grads = _grad([(y, grad_y), (logdet, grad_logdet)], [x_leaf, *leaves])
     return grad_x, param_grads
 
 

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .backends import BACKEND_PRIMITIVES, select_backend
-from .kernels.utils import fake_or_meta, functorch_dispatch, under_functorch
+from .kernels.utils import autograd_inside_op, fake_or_meta, under_functorch
 from .level_backward import batch_slices, call_with, level_backward, parameter_slots, replay_level_backward
 from .reference import ActNorm
 
@@ -214,7 +214,7 @@ def _level_backward(x0, y, grad_y, grad_logdet, params, key, backend, mix_precis
     backend_steps = handle.resolve(backend, mix_precision, x0)
     tensors = iter(params)
     slots = [[(m, n, next(tensors)) for m, n, _ in step_slots(step)] for step in steps]
-    with _autocast(handle.autocast), functorch_dispatch():
+    with _autocast(handle.autocast), autograd_inside_op():
         result = level_backward(steps, y, grad_y, grad_logdet, backend_steps, x0=x0, chunk=chunk, slots=slots)
         if handle.monitor is not None:
             handle.monitor.record(handle.level, result.error)

@@ -104,3 +104,14 @@ def test_torch_func_grad_and_vmap(reversible):
     flipped = torch.func.grad(loss)(params, x.flip(0))
     for name in ("blocks.0.flows.0.coupling.net.0.weight", "blocks.1.prior.scale"):
         assert rel_error(per_batch[name][1], flipped[name]) <= 1e-10, name
+
+
+@pytest.mark.parametrize("reversible", [True, False])
+def test_torch_func_grad_on_the_triton_backend(reversible):
+    """The kernels' ops inside torch.func.grad (an autograd.Function route there: pytorch/pytorch#168393)."""
+    model, x = _model(reversible, backend="triton", dtype=torch.float64)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    grads = torch.func.grad(lambda p, v: _loss(torch.func.functional_call(model, p, (v,))))(params, x)
+    _, expected = _loss_and_grads(model, model, x)
+    for name, g in expected.items():
+        assert rel_error(grads[name], g) <= 1e-10, name

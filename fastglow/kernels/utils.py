@@ -95,14 +95,16 @@ def call(op, *args):
     return op(*args)
 
 
-_FUNCTORCH_KEYS = ("FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchGradWrapper",
+_REENABLED_KEYS = ("AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView",
+                   "FuncTorchDynamicLayerFrontMode", "FuncTorchDynamicLayerBackMode", "FuncTorchGradWrapper",
                    "FuncTorchBatched", "FuncTorchVmapMode")
 
 
-def functorch_dispatch():
-    """A context in which torch.func transforms run even inside an op's implementation reached through a
-    TorchDispatchMode (which excludes functorch's dispatch keys there): the op's own vjps need them."""
+def autograd_inside_op():
+    """A context in which autograd records (and torch.func runs) inside an op's implementation, where the
+    dispatcher has them off: for an op whose implementation differentiates its own sub-computations (the
+    reversible level backward). Private torch API: the dispatcher's thread-local exclude set."""
     exclude = torch._C._dispatch_tls_local_exclude_set()
-    for name in _FUNCTORCH_KEYS:
+    for name in _REENABLED_KEYS:
         exclude = exclude.remove(getattr(torch._C.DispatchKey, name))
     return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
