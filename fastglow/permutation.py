@@ -92,8 +92,8 @@ def state_dict_permutation(state_dict: dict) -> str:
     perms = [v for k, v in state_dict.items() if k.endswith(".invconv.perm")]
     if not perms:
         return "conv"
-    reverse = all(isinstance(p, torch.Tensor) and torch.equal(p.cpu(), torch.arange(p.numel() - 1, -1, -1))
-                  for p in perms)
+    reverse = all(isinstance(p, torch.Tensor)
+                  and torch.equal(p.cpu(), torch.arange(p.numel() - 1, -1, -1, device="cpu")) for p in perms)
     return "reverse" if reverse else "shuffle"
 
 
@@ -101,7 +101,7 @@ def _is_permutation(perm: torch.Tensor) -> bool:
     """perm is a 1-d integer tensor holding each of 0..numel-1 once."""
     if perm.dim() != 1 or perm.is_floating_point() or perm.is_complex() or perm.dtype == torch.bool:
         return False
-    return torch.equal(torch.sort(perm.cpu()).values.to(torch.int64), torch.arange(perm.numel()))
+    return torch.equal(torch.sort(perm.cpu()).values.to(torch.int64), torch.arange(perm.numel(), device="cpu"))
 
 
 def permutation_weights(perms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from fastglow.app.data import (DIGITS_LEVELS, bin_centres, dequantize, image_grid, load_dataset, load_digits,
-                               to_levels, to_pixels)
+                               open_dataset, to_levels, to_pixels)
+from fastglow.app.datasets import ArrayImages
 from fastglow.app.sampler import StepBatches, device_batch, fill_bad
 from fastglow.app.errors import InputError
 
@@ -58,6 +59,18 @@ def test_npz_layouts(tmp_path, layout):
     levels, n_bins = load_dataset(str(tmp_path / "d.npz"), n_bits=8)
     assert torch.equal(levels, torch.from_numpy(nchw)) and n_bins == 256
     assert load_dataset(str(tmp_path / "d.npz"), n_bits=4)[0].max() < 16
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NHW"])
+def test_npy_layouts_are_read_image_by_image(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    nchw = rng.integers(0, 256, (5, 1 if layout == "NHW" else 3, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "d.npy", {"NHWC": nchw.transpose(0, 2, 3, 1), "NCHW": nchw, "NHW": nchw[:, 0]}[layout])
+    images, n_bins = open_dataset(str(tmp_path / "d.npy"), n_bits=8)
+    assert isinstance(images, ArrayImages) and n_bins == 256
+    assert torch.equal(images.materialise(), torch.from_numpy(nchw))
+    refit, _ = open_dataset(str(tmp_path / "d.npy"), img_size=4, channels=3)  # resized and converted per image
+    assert refit.levels(2).shape == (3, 4, 4) and refit.levels(2).max() < 32
 
 
 @pytest.mark.parametrize("case", ["empty", "unreadable", "small", "missing", "npz_dtype", "npz_key", "npz_bad"])

@@ -14,7 +14,8 @@ from fastglow.app import checkpoint as ckpt_io
 from fastglow.app.datasets import split_indices
 from fastglow.app.loop import train
 from fastglow.app.sampler import StepBatches
-from fastglow.testing import cli_command, cli_env, metrics_events, run_cli, truncate_image, write_image_folder
+from fastglow.testing import (cli_command, cli_env, descendants, metrics_events, run_cli, truncate_image,
+                              write_image_folder)
 
 N_IMAGES = 40  # 36 training images: 4 batches of 8 per epoch
 FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "8", "--warmup", "2", "--cooldown", "0",
@@ -33,31 +34,13 @@ def _kill_after_checkpoint(cmd: list[str], out, step: int, timeout: float = 120)
             assert time.monotonic() < deadline, f"no checkpoint at step {step} within {timeout} s"
             time.sleep(0.02)
     finally:
-        for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun's ranks run in sessions of their own
+        for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's ranks run in sessions of their own
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         proc.wait(30)
         proc.stderr.close()
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (read off /proc)."""
-    children = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _same_run(a, b) -> None:

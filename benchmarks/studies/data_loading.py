@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastglow.testing import descendants
+
 TRAIN_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "16", "--img-size", "64",
                "--eval-every", "0", "--ckpt-every", "0", "--log-every", "1", "--steps", "1000", "--no-progress",
                "--threads", "1", "--workers", "1"]
@@ -77,18 +79,6 @@ def make_lmdb(root: Path, n: int, size: int) -> Path:
     return path
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
-
-
 def _peak_rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -113,7 +103,7 @@ def time_to_first_step(data: Path, out: Path) -> tuple[float, float, float]:
                 raise RuntimeError(proc.stderr.read().decode()[-2000:])
             time.sleep(0.005)
         seconds = time.perf_counter() - start
-        workers = _children(proc.pid)
+        workers = descendants(proc.pid)
         return seconds, _peak_rss_mb(proc.pid), max((_peak_rss_mb(w) for w in workers), default=0.0)
     finally:
         proc.kill()

@@ -66,9 +66,9 @@ class ImageSet(torch.utils.data.Dataset):
 
     def materialise(self) -> torch.Tensor:
         """Every image's levels (N, C, S, S) in memory (eval and morph on small sets); a bad image refuses."""
-        return torch.stack([self.levels(i) for i in range(self.n)]) if self.n else torch.zeros(0, self.channels,
-                                                                                                self.size, self.size,
-                                                                                                dtype=torch.uint8)
+        if not self.n:
+            return torch.zeros(0, self.channels, self.size, self.size, dtype=torch.uint8)
+        return torch.stack([self.levels(i) for i in range(self.n)])
 
 
 class TensorImages(ImageSet):
@@ -109,10 +109,10 @@ class ArrayImages(ImageSet):
     on Linux 6.x each page fault maps a whole large folio, about 1 MB: the resident size of a worker would
     grow by a megabyte per image it touched.) Images of another size are refitted, grey <-> RGB converted."""
 
-    def __init__(self, path: Path, layout: str, native: tuple[int, int, int], size: int, channels: int, shift: int,
-                 n: int, offset: int, item_shape: tuple[int, ...]):
+    def __init__(self, path: Path, layout: str, size: int, channels: int, shift: int, n: int, offset: int,
+                 item_shape: tuple[int, ...]):
         super().__init__(str(path), n, channels, size, shift)
-        self.path, self.layout, self.native, self.offset, self.item_shape = path, layout, native, offset, item_shape
+        self.path, self.layout, self.offset, self.item_shape = path, layout, offset, item_shape
         self.item_bytes = int(np.prod(item_shape))
         self._fd, self._pid = None, None
 
@@ -151,8 +151,12 @@ class LmdbImages(ImageSet):
         return f"{self.size}-{str(i).zfill(5)}".encode()
 
     def _get(self, key: bytes):
-        with open_lmdb(self.path).begin(write=False) as txn:
-            return txn.get(key)
+        env = open_lmdb(self.path)
+        try:
+            with env.begin(write=False) as txn:
+                return txn.get(key)
+        except Exception as err:  # noqa: BLE001 - lmdb.Error's many kinds (a corrupt page, a closed env)
+            raise InputError(f"{self.path}[{key.decode()}]: cannot read from the LMDB ({one_line(err)})") from None
 
     def pixels(self, i: int) -> np.ndarray:
         from .data import read_image
@@ -338,8 +342,8 @@ def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int
     size = img_size or native[1]
     if min(native[1:]) < size:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}, smaller than --img-size {size}")
-    images = ArrayImages(path, layout, native, size, channels or native[0], 8 - n_bits, array.shape[0],
-                         array.offset, array.shape[1:])
+    images = ArrayImages(path, layout, size, channels or native[0], 8 - n_bits, array.shape[0], array.offset,
+                         array.shape[1:])
     return images, n_bits
 
 

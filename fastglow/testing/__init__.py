@@ -214,3 +214,23 @@ def write_lmdb(path, n: int, sizes=(8,), seed: int = 0) -> None:
                 Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="jpeg")
                 txn.put(f"{size}-{str(i).zfill(5)}".encode(), buffer.getvalue())
         txn.put(b"length", str(n).encode())
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read off /proc; Linux)."""
+    import os
+
+    children = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
