@@ -65,6 +65,9 @@ def _add_execution_flags(p):
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--backend", choices=("auto", "eager", "triton"), help="auto: triton on CUDA, eager elsewhere")
+    g.add_argument("--threads", type=flags.threads,
+                   help="CPU threads for torch (default: train, torch's choice within the CPUs available, so "
+                        "that a resume computes alike; other commands, those CPUs less the machine's load)")
     return g
 
 
@@ -98,7 +101,6 @@ def _add_train_command(sub) -> None:
                    help="constant-memory backprop (the default)")
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
-    g.add_argument("--threads", type=flags.threads, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
                    help="replay each step's forward and backward from a CUDA graph captured at the first step "
                         "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
@@ -139,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = flags.OneLineParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices  # command -> its parser
     _add_train_command(sub)
 
     s = sub.add_parser("sample", help="draw a grid of samples from a checkpoint")
@@ -365,10 +368,15 @@ def _morph(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 0
+    if unknown:  # named by the command's own parser: "fastglow eval: error: ..."
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    torch.set_num_threads(args.threads or flags.default_threads(args.command == "train"))
     try:
         return args.run(args)
     except InputError as err:
