@@ -24,29 +24,29 @@ demo: $(BIN)/.installed
 
 # the demo's measurements (benchmarks/RESULTS.md): its unconditional twin, sample recognition, accuracy
 demo-check: demo
-	$(BIN)/python benchmarks/conditional_demo_check.py --run runs/demo-conditional --twin runs/demo-unconditional
+	$(BIN)/python -m benchmarks.studies.conditional_demo_check --run runs/demo-conditional --twin runs/demo-unconditional
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q
 
-# The GPU machine's Triton (and the numpy its interpreter needs), pinned in benchmarks/gpu_stack.txt, beside the
+# The GPU machine's Triton (and the numpy its interpreter needs), pinned in benchmarks/gpu_run/gpu_stack.txt, beside the
 # same CPU torch: the kernel and backend tests under its interpreter, and the sm_90 gate compiled by its compiler.
 GPU_STACK_VENV ?= .venv-gpustack
 GPU_STACK_BIN := $(GPU_STACK_VENV)/bin
 GPU_STACK_TESTS := tests/test_kernels_flow_step.py tests/test_kernels_lu_squeeze.py tests/test_triton_backend.py \
-	tests/test_compile_gate.py
+	benchmarks/compile_gate/test_compile_gate.py
 
-$(GPU_STACK_BIN)/.installed: pyproject.toml benchmarks/gpu_stack.txt
+$(GPU_STACK_BIN)/.installed: pyproject.toml benchmarks/gpu_run/gpu_stack.txt
 	test -x $(GPU_STACK_BIN)/python || $(PYTHON) -m venv $(GPU_STACK_VENV)
 	$(GPU_STACK_BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(GPU_STACK_BIN)/python -m pip install --quiet -e ".[test]" -r benchmarks/gpu_stack.txt
+	$(GPU_STACK_BIN)/python -m pip install --quiet -e ".[test]" -r benchmarks/gpu_run/gpu_stack.txt
 	touch $@
 
 test-gpu-stack: $(GPU_STACK_BIN)/.installed
 	$(GPU_STACK_BIN)/python -c "import triton, numpy; print('GPU stack: triton', triton.__version__, 'numpy', numpy.__version__)"
 	$(GPU_STACK_BIN)/python -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(GPU_STACK_TESTS)
 
-# Every GPU target in one command (benchmarks/gpu_run.py): installs nothing, runs with the Python that has torch;
+# Every GPU target in one command (benchmarks/gpu_run/): installs nothing, runs with the Python that has torch;
 # results under $(OUT). Without CUDA: the CPU smoke run at tiny shapes. ROSINALITY=DIR adds rosinality's model.py.
 OUT ?= gpu-run
 BUDGET ?= 360

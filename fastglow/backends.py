@@ -38,6 +38,7 @@ import torch
 from torch.nn import functional as F
 
 from . import reference
+from .permutation import ChannelPermutation, permutation_weights
 
 
 def triton_interpreter_enabled() -> bool:
@@ -117,7 +118,10 @@ class EagerSteps:
 
     @staticmethod
     def fold(steps) -> list[FoldedMix]:
+        """Fixed permutations (:mod:`fastglow.permutation`) come stacked, inverted by transposition."""
         with full_precision():
+            if all(isinstance(step.invconv, ChannelPermutation) for step in steps):
+                return fold_mixes(steps, *permutation_weights([step.invconv for step in steps]))
             w = torch.stack([step.invconv.calc_weight() for step in steps])
             w_logdet = torch.stack([step.invconv.log_abs_det() for step in steps])
             return fold_mixes(steps, w, reference.matrix_inverse(w.detach()), w_logdet)

@@ -32,7 +32,9 @@ class Glow(reference.Glow):
     inputs in channels_last memory format) and ``validate`` (False: skip the input's NaN/Inf check; with
     ``reversible_tol=None`` too, a training step makes no host sync) and ``mix_precision`` (the Triton 1x1
     mix in float32: "ieee", exact, or "tf32x3", three TF32 tensor-core products, ~float32 accuracy;
-    benchmarks/RESULTS.md has its emulated effect).
+    benchmarks/RESULTS.md has its emulated effect); ``permutation`` ("conv", rosinality's learned 1x1 conv;
+    "shuffle", RealNVP's fixed random permutation; "reverse", NICE's reversed channels: :mod:`fastglow.permutation`,
+    folded into the same fused mix).
     """
 
     def __init__(self, in_channel: int, n_flow: int, n_block: int, affine: bool = True,
@@ -40,7 +42,8 @@ class Glow(reference.Glow):
                  reversible: bool = True, reversible_tol: float | str | None = "auto",
                  backward_chunk: int | None = None, n_classes: int | None = None,
                  class_weight: float = DEFAULT_CLASS_WEIGHT, autocast_dtype: torch.dtype | None = None,
-                 channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee"):
+                 channels_last: bool = False, validate: bool = True, mix_precision: str = "ieee",
+                 permutation: str = "conv"):
         check_config(in_channel, n_flow, n_block, affine, conv_lu, hidden_channels, backend, reversible)
         check_reversible_options(reversible_tol, backward_chunk)
         check_class_config(n_classes, class_weight)
@@ -51,7 +54,8 @@ class Glow(reference.Glow):
         n_classes = None if n_classes is None else int(n_classes)
         backward_chunk = None if backward_chunk is None else int(backward_chunk)
         super().__init__(in_channel, n_flow, n_block, affine=affine, conv_lu=conv_lu,
-                         hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight)
+                         hidden_channels=hidden_channels, n_classes=n_classes, class_weight=class_weight,
+                         permutation=permutation)
         self.backend = backend
         self.reversible = reversible
         self.reversible_tol = reversible_tol

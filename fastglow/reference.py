@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .conditional import DEFAULT_CLASS_WEIGHT, ClassConditional
+from .permutation import check_permutation, fixed_permutation, permutation_generator
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -283,12 +284,19 @@ class AffineCoupling(nn.Module):
 
 
 class Flow(nn.Module):
-    """One flow step: ActNorm -> invertible 1x1 conv -> coupling. Returns (y, logdet of shape [B])."""
+    """One flow step: ActNorm -> invertible 1x1 conv -> coupling. Returns (y, logdet of shape [B]).
 
-    def __init__(self, in_channel, affine=True, conv_lu=True, hidden_channels=512):
+    ``permutation`` "shuffle"/"reverse" puts a fixed channel permutation (:mod:`fastglow.permutation`, drawn
+    from ``generator``) where the 1x1 conv is; "conv" is rosinality's step."""
+
+    def __init__(self, in_channel, affine=True, conv_lu=True, hidden_channels=512, permutation="conv",
+                 generator=None):
         super().__init__()
         self.actnorm = ActNorm(in_channel)
-        self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)
+        if permutation != "conv":
+            self.invconv = fixed_permutation(permutation, in_channel, generator)
+        else:
+            self.invconv = InvConv2dLU(in_channel) if conv_lu else InvConv2d(in_channel)
         self.coupling = AffineCoupling(in_channel, hidden_channels, affine=affine)
 
     def forward(self, x):
@@ -308,11 +316,13 @@ class Block(nn.Module):
     a class-conditional model's class term (:mod:`fastglow.conditional`), is added to the prior's output.
     """
 
-    def __init__(self, in_channel, n_flow, split=True, affine=True, conv_lu=True, hidden_channels=512):
+    def __init__(self, in_channel, n_flow, split=True, affine=True, conv_lu=True, hidden_channels=512,
+                 permutation="conv", generator=None):
         super().__init__()
         squeeze_dim = in_channel * 4
         self.flows = nn.ModuleList(
-            Flow(squeeze_dim, affine=affine, conv_lu=conv_lu, hidden_channels=hidden_channels)
+            Flow(squeeze_dim, affine=affine, conv_lu=conv_lu, hidden_channels=hidden_channels,
+                 permutation=permutation, generator=generator)
             for _ in range(n_flow)
         )
         self.split = split
@@ -360,25 +370,29 @@ class Block(nn.Module):
 class Glow(ClassConditional, nn.Module):
     """Multi-scale Glow: ``forward(x) -> (log_p [B], logdet [B], z_outs)``; ``reverse(z_list, reconstruct)``.
 
-    As in rosinality/glow-pytorch, the last level always uses the LU 1x1 conv, whatever ``conv_lu`` says.
+    As in rosinality/glow-pytorch, the last level always uses the LU 1x1 conv (permutation "conv"), whatever
+    ``conv_lu`` says.
     ``n_classes=N`` builds the class-conditional model (:class:`fastglow.conditional.ClassConditional`):
     ``forward(x, y)``, ``reverse(z_list, reconstruct, y)``, ``class_prior`` and ``classifier`` modules;
-    ``None`` keeps rosinality's module tree exactly.
+    ``None`` keeps rosinality's module tree exactly. ``permutation`` ("conv", "shuffle" or "reverse", see
+    :mod:`fastglow.permutation`): what mixes the channels between couplings; "conv" is rosinality's model.
     """
 
     def __init__(self, in_channel, n_flow, n_block, affine=True, conv_lu=True, hidden_channels=512,
-                 n_classes=None, class_weight=DEFAULT_CLASS_WEIGHT):
+                 n_classes=None, class_weight=DEFAULT_CLASS_WEIGHT, permutation="conv"):
         super().__init__()
+        check_permutation(permutation, conv_lu)
         self.in_channel, self.n_flow, self.n_block = in_channel, n_flow, n_block
         self.affine, self.conv_lu, self.hidden_channels = affine, conv_lu, hidden_channels
+        self.permutation = permutation
+        steps = dict(affine=affine, hidden_channels=hidden_channels, permutation=permutation,
+                     generator=permutation_generator(permutation))
         self.blocks = nn.ModuleList()
         n_channel = in_channel
         for _ in range(n_block - 1):
-            self.blocks.append(Block(n_channel, n_flow, affine=affine, conv_lu=conv_lu,
-                                     hidden_channels=hidden_channels))
+            self.blocks.append(Block(n_channel, n_flow, conv_lu=conv_lu, **steps))
             n_channel *= 2
-        self.blocks.append(Block(n_channel, n_flow, split=False, affine=affine,
-                                 hidden_channels=hidden_channels))
+        self.blocks.append(Block(n_channel, n_flow, split=False, **steps))
         self.add_class_modules(n_classes, class_weight, top_channels=n_channel * 4)
         self.register_load_state_dict_pre_hook(_strip_data_parallel_prefix)
 

@@ -30,3 +30,21 @@ def _uses_float64(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--float64-last", default=False):
         items.sort(key=_uses_float64)  # stable: each group keeps its order
+
+
+@pytest.fixture
+def on_device(device):
+    """The test builds its tensors and modules on ``device`` without naming it: under CUDA, torch's default device
+    is CUDA for the test (the backend="triton" tests then run natively; on a CPU they run through the
+    interpreter) and TF32 is off, so float32 comparisons stay exact. A test file opts in with
+    ``pytestmark = pytest.mark.usefixtures("on_device")``."""
+    if device.type != "cuda":
+        yield device
+        return
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with device:
+            yield device
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

@@ -94,7 +94,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(ValueError, match="CUDA tensors"):
-        model(x)  # from the first batch on, before ActNorm's init (issue 23, item 10; construction: test_holes_api)
+        model(x)  # from the first batch on, before ActNorm's init (issue 23, item 10; construction: test_api_edge_cases)
     assert not model.actnorm_initialized()
 
 

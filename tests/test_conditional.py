@@ -11,8 +11,16 @@ import fastglow
 from fastglow import reference
 from fastglow.testing import initialized_model, models_on_one_state, rel_error
 
+pytestmark = pytest.mark.usefixtures("on_device")  # CUDA when there is one, else CPU (Triton: the interpreter)
+
 N_CLASSES = 3
 Y = torch.tensor([2, 0, 1])
+
+
+@pytest.fixture(autouse=True)
+def _labels_on_device(on_device, monkeypatch):
+    """The labels every test shares, on the test's device."""
+    monkeypatch.setitem(globals(), "Y", Y.to(on_device))
 
 
 def _models(dtype=torch.float64, reversible=False, sigma=0.3):
@@ -187,15 +195,15 @@ def _bad(model, x, call):
 
 
 @pytest.mark.parametrize("call", ["forward", "reverse", "sample", "class_loss"])
-@pytest.mark.parametrize("y,error,match", [
-    (None, ValueError, "required"), (Y.int(), TypeError, "int64"), (Y.double(), TypeError, "int64"),
-    ([2, 0, 1], TypeError, "torch.Tensor"), (Y[:2], ValueError, r"shape \(3,\)"),
-    (Y.view(3, 1), ValueError, r"shape \(3,\)"), (Y - 1, ValueError, r"outside \[0, 3\)"),
-    (Y + 1, ValueError, r"outside \[0, 3\)")])
-def test_bad_labels_are_refused_with_one_line(call, y, error, match):
+@pytest.mark.parametrize("bad_y,error,match", [
+    (lambda y: None, ValueError, "required"), (lambda y: y.int(), TypeError, "int64"),
+    (lambda y: y.double(), TypeError, "int64"), (lambda y: [2, 0, 1], TypeError, "torch.Tensor"),
+    (lambda y: y[:2], ValueError, r"shape \(3,\)"), (lambda y: y.view(3, 1), ValueError, r"shape \(3,\)"),
+    (lambda y: y - 1, ValueError, r"outside \[0, 3\)"), (lambda y: y + 1, ValueError, r"outside \[0, 3\)")])
+def test_bad_labels_are_refused_with_one_line(call, bad_y, error, match):
     model = fastglow.Glow(2, 1, 2, hidden_channels=4, n_classes=N_CLASSES)
     with pytest.raises(error, match=match) as info:
-        _bad(model, torch.rand(3, 2, 8, 8) - 0.5, call)(y)
+        _bad(model, torch.rand(3, 2, 8, 8) - 0.5, call)(bad_y(Y))
     assert "\n" not in str(info.value)
 
 

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import fastglow
-from benchmarks.gpu_measure import training_step
-from fastglow.testing import HostSyncDetector, initialized_model
+from fastglow.testing import HostSyncDetector, initialized_model, training_step
 
 
 def _model(seed=0, device="cpu", **kwargs):

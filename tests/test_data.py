@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from fastglow.app.data import (DIGITS_LEVELS, bin_centres, dequantize, image_grid, load_dataset, load_digits,
-                               to_levels, to_pixels)
-from fastglow.app.sampler import StepBatches
+                               open_dataset, to_levels, to_pixels)
+from fastglow.app.datasets import ArrayImages
+from fastglow.app.sampler import StepBatches, device_batch, fill_bad
 from fastglow.app.errors import InputError
 
 
@@ -58,6 +59,18 @@ def test_npz_layouts(tmp_path, layout):
     levels, n_bins = load_dataset(str(tmp_path / "d.npz"), n_bits=8)
     assert torch.equal(levels, torch.from_numpy(nchw)) and n_bins == 256
     assert load_dataset(str(tmp_path / "d.npz"), n_bits=4)[0].max() < 16
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NHW"])
+def test_npy_layouts_are_read_image_by_image(tmp_path, layout):
+    rng = np.random.default_rng(1)
+    nchw = rng.integers(0, 256, (5, 1 if layout == "NHW" else 3, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "d.npy", {"NHWC": nchw.transpose(0, 2, 3, 1), "NCHW": nchw, "NHW": nchw[:, 0]}[layout])
+    images, n_bins = open_dataset(str(tmp_path / "d.npy"), n_bits=8)
+    assert isinstance(images, ArrayImages) and n_bins == 256
+    assert torch.equal(images.materialise(), torch.from_numpy(nchw))
+    refit, _ = open_dataset(str(tmp_path / "d.npy"), img_size=4, channels=3)  # resized and converted per image
+    assert refit.levels(2).shape == (3, 4, 4) and refit.levels(2).max() < 32
 
 
 @pytest.mark.parametrize("case", ["empty", "unreadable", "small", "missing", "npz_dtype", "npz_key", "npz_bad"])
@@ -114,6 +127,25 @@ def test_step_batches_are_epochs_of_permutations_sharded_by_rank_and_resume_anyw
         StepBatches(12, 4, seed=3).check_state(state, "ckpt")
     with pytest.raises(InputError, match="fewer than --batch"):
         StepBatches(3, 4, seed=0)
+
+
+def test_device_batch_draws_each_rank_s_share_of_the_global_batch_s_noise():
+    levels = torch.randint(0, 32, (4, 3, 2, 2), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    gen = torch.Generator()
+    whole = device_batch(levels, 32, gen, seed=7, k=5, global_batch=4)
+    shares = [device_batch(levels[2 * r:2 * r + 2], 32, gen, 7, 5, 4, rank=r, world=2) for r in range(2)]
+    assert torch.equal(torch.cat(shares), whole)  # the same run in one process or two
+    assert torch.equal(torch.floor((whole + 0.5) * 32).to(torch.uint8), levels)  # noise within each bin
+    assert not torch.equal(device_batch(levels, 32, gen, 7, 6, 4), whole)  # fresh noise at every batch
+
+
+def test_unreadable_images_are_filled_from_their_batch():
+    levels = torch.arange(4, dtype=torch.uint8).view(4, 1, 1, 1)
+    filled, bad = fill_bad(levels, ["", "broken", "", "broken"])
+    assert bad == [1, 3] and filled.flatten().tolist() == [0, 2, 2, 0]  # the next sound one, cyclically
+    assert levels.flatten().tolist() == [0, 1, 2, 3]  # the loader's batch is left as it was
+    with pytest.raises(InputError, match="every image of a batch is unreadable"):
+        fill_bad(levels, ["a", "b", "c", "d"])
 
 
 def test_image_grid_layout():

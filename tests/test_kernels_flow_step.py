@@ -11,6 +11,7 @@ from fastglow.kernels.channel_mix import channel_mix_backward, channel_mix_forwa
 from fastglow.kernels.coupling import coupling_backward
 from fastglow.kernels.flow_step import coupling_mix_forward
 from fastglow.reference import coupling_combine, coupling_uncombine
+from fastglow.testing import kernel_operands
 
 F32, F64 = torch.float32, torch.float64
 TOL = {F32: 1e-5, F64: 1e-10}
@@ -26,21 +27,6 @@ def close(actual, expected, dtype):
     err = (actual - expected).abs().max().item() if expected.numel() else 0.0
     ref = max(1.0, expected.abs().max().item() if expected.numel() else 0.0)
     assert err <= TOL[dtype] * ref, f"max abs err {err:.3e} vs max ref {ref:.3e}"
-
-
-def make(shape, dtype, affine, device, seed=0):
-    """Random non-trivial inputs: activation, h_raw, zscale, a well-conditioned mix (A, c) and its inverse."""
-    b, c, hh, ww = shape
-    gen = torch.Generator().manual_seed(seed + 1000 * c + hh)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=F64)  # noqa: E731
-    c_h = c if affine else c // 2
-    q, _ = torch.linalg.qr(rnd(c, c))
-    a = q + 0.1 * rnd(c, c) / c ** 0.5
-    bias = 0.5 * rnd(c)
-    a_inv = torch.linalg.inv(a)
-    out = dict(x=rnd(b, c, hh, ww), h_raw=0.5 * rnd(b, c_h, hh, ww), zscale=0.3 * rnd(c_h), mix_weight=a, mix_bias=bias,
-               mix_weight_inv=a_inv, mix_bias_inv=-a_inv @ bias, grad=rnd(b, c, hh, ww), grad_logdet=rnd(b))
-    return {k: v.to(device, dtype) for k, v in out.items()}
 
 
 def mix(w, x, bias):
@@ -59,7 +45,7 @@ def couple(y, h_raw, zscale, affine, inverse=False):
 
 @pytest.mark.parametrize("shape,dtype,affine", CASES, ids=IDS)
 def test_channel_mix_forward(shape, dtype, affine, device):
-    t = make(shape, dtype, affine, device)
+    t = kernel_operands(shape, dtype, affine, device)
     x = t["x"].to(memory_format=torch.channels_last) if affine else t["x"]  # non-contiguous input half the time
     out = channel_mix_forward(x, t["mix_weight"], t["mix_bias"])
     assert out.is_contiguous() and out.dtype == dtype
@@ -67,7 +53,7 @@ def test_channel_mix_forward(shape, dtype, affine, device):
 
 
 def test_channel_mix_forward_rectangular(device):
-    t = make((2, 6, 4, 2), F64, True, device)
+    t = kernel_operands((2, 6, 4, 2), F64, True, device)
     w = torch.randn(10, 6, dtype=F64, device=device)
     close(channel_mix_forward(t["x"], w), mix(w, t["x"], torch.zeros(10, dtype=F64, device=device)), F64)
 
@@ -78,7 +64,7 @@ MODES = ["combine", "combine+mix", "combine+mix+store", "uncombine+mix"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape,dtype,affine", CASES, ids=IDS)
 def test_coupling_mix_forward(shape, dtype, affine, mode, device):
-    t = make(shape, dtype, affine, device)
+    t = kernel_operands(shape, dtype, affine, device)
     inverse, has_mix, store = mode.startswith("un"), "mix" in mode, mode.endswith("store")
     w, bias = (t["mix_weight"], t["mix_bias"]) if has_mix else (None, None)
     mixed, coupled, logdet = coupling_mix_forward(t["x"], t["h_raw"], t["zscale"], w, bias, affine=affine,
@@ -102,7 +88,7 @@ def test_coupling_mix_forward(shape, dtype, affine, mode, device):
 def test_round_trip(shape, dtype, affine, device):
     """x -> mix (ActNorm+1x1) -> combine, then uncombine fused with the inverse mix, gives x back; and the
     combine of one step fused with the next step's mix equals the two launches apart."""
-    t = make(shape, dtype, affine, device)
+    t = kernel_operands(shape, dtype, affine, device)
     y = channel_mix_forward(t["x"], t["mix_weight"], t["mix_bias"])
     _, out, _ = coupling_mix_forward(y, t["h_raw"], t["zscale"], affine=affine)
     x_rec, y_rec, _ = coupling_mix_forward(out, t["h_raw"], t["zscale"], t["mix_weight_inv"], t["mix_bias_inv"],
@@ -115,7 +101,7 @@ def test_round_trip(shape, dtype, affine, device):
 
 @pytest.mark.parametrize("shape,dtype,affine", CASES, ids=IDS)
 def test_coupling_backward(shape, dtype, affine, device):
-    t = make(shape, dtype, affine, device)
+    t = kernel_operands(shape, dtype, affine, device)
     with_gld = shape[0] != 2  # also cover grad_logdet=None
     y, h_raw, zs = (t[k].clone().requires_grad_() for k in ("x", "h_raw", "zscale"))
     out, logdet = couple(y, h_raw, zs, affine)
@@ -131,7 +117,7 @@ def test_coupling_backward(shape, dtype, affine, device):
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("shape,dtype,affine", CASES, ids=IDS)
 def test_channel_mix_backward(shape, dtype, affine, recompute, device):
-    t = make(shape, dtype, affine, device)
+    t = kernel_operands(shape, dtype, affine, device)
     x, w, bias = (t[k].clone().requires_grad_() for k in ("x", "mix_weight", "mix_bias"))
     y = mix(w, x, bias)
     ref = torch.autograd.grad((y * t["grad"]).sum(), (x, w, bias))
@@ -159,7 +145,7 @@ def test_coupling_extreme_scales(dtype, device):
 
 
 def test_bad_inputs(device):
-    t = make((2, 6, 4, 2), F32, True, device)
+    t = kernel_operands((2, 6, 4, 2), F32, True, device)
     x, h, zs, w, bias = t["x"], t["h_raw"], t["zscale"], t["mix_weight"], t["mix_bias"]
     cases = [
         (TypeError, lambda: channel_mix_forward(x.numpy() if x.device.type == "cpu" else 1.0, w, bias)),

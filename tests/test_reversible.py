@@ -7,11 +7,11 @@ from functools import partial
 import pytest
 import torch
 
-from benchmarks.bench_memory import measure_step_memory
 import fastglow
 from fastglow.backends import EagerSteps
 from fastglow.reversible import reversible_steps
-from fastglow.testing import coupling_activity, initialized_model, models_on_one_state, rel_error
+from fastglow.testing import (coupling_activity, initialized_model, measure_step_memory, models_on_one_state,
+                              rel_error)
 
 VARIANTS = list(itertools.product([True, False], [True, False]))  # (affine, conv_lu)
 

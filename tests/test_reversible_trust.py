@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import fastglow
-from benchmarks.bench_memory import level_tensor_mb, measure_step_memory
 from fastglow import reference
 from fastglow.backends import EagerSteps, select_backend
 from fastglow.level_backward import level_backward, parameter_slots
-from fastglow.testing import models_on_one_state, rel_error
+from fastglow.testing import level_tensor_mb, measure_step_memory, models_on_one_state, rel_error
 
 
 def _models(backend, dtype=torch.float32, n_flow=4, n_block=2, batch=2, size=8, **options):

@@ -154,26 +154,3 @@ def test_level_backward_from_output_matches_autograd(affine, conv_lu, dtype, tol
         assert rel_error(grad_x, expected[0]) <= tol
         for got, want in zip([g for grads in per_flow for g in grads], expected[1:]):
             assert rel_error(got, want) <= 10 * tol
-
-
-def test_mix_precision_reaches_every_mix_launch():
-    """Glow(mix_precision="tf32x3"): every float32 launch of a mix kernel gets INPUT_PRECISION="tf32x3" (forward,
-    backward, reverse); float64 stays "ieee"; anything else is refused. (The interpreter ignores the precision,
-    so its numerical effect is estimated in benchmarks/tf32_emulation.py.)"""
-    from benchmarks.launch_capture import Recorder
-    for dtype, expected in ((torch.float32, "tf32x3"), (torch.float64, "ieee")):
-        torch.manual_seed(0)
-        x = torch.rand(2, 3, 8, 8, dtype=dtype) - 0.5
-        model = initialized_model(fastglow.Glow(3, 2, 2, hidden_channels=8, backend="triton",
-                                                mix_precision="tf32x3").to(dtype), x)
-        rec = Recorder(execute=True)
-        with rec.patched():
-            log_p, logdet, z = model(x)
-            (log_p + logdet).sum().backward()
-            with torch.no_grad():
-                model.reverse(z, reconstruct=True)
-        mixes = [dict(l.spec.constexprs) for l in rec.launches]
-        mixes = [c for c in mixes if "INPUT_PRECISION" in c and c.get("HAS_MIX", True)]
-        assert len(mixes) > 6 and {c["INPUT_PRECISION"] for c in mixes} == {expected}
-    with pytest.raises(ValueError, match="mix_precision"):
-        fastglow.Glow(3, 2, 2, mix_precision="tf32")

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from .. import Glow
+from ..permutation import state_dict_permutation
 from .data import DIGITS_LEVELS
 from .errors import CheckpointError, InputError, one_line
 
@@ -264,7 +265,7 @@ def restore_rng(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------
 # Models from checkpoints (sample / eval / interpolate)
 # ----------------------------------------------------------------------------------------------
-SHAPE_KEYS = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu")
+SHAPE_KEYS = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation")
 
 
 def infer_shape(state_dict: dict, path) -> dict:
@@ -278,10 +279,13 @@ def infer_shape(state_dict: dict, path) -> dict:
     except (KeyError, ValueError, IndexError, AttributeError):
         raise CheckpointError(f"{path}: not a Glow state_dict (rosinality's keys blocks.<i>.flows.<k>... "
                               "are missing)") from None
+    permutation = state_dict_permutation(state_dict)
     return {"in_channel": squeezed // 4, "n_flow": n_flow, "n_block": n_block, "hidden": net0.shape[0],
-            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path),
-            # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter)
-            "conv_lu": "blocks.0.flows.0.invconv.w_p" in state_dict if n_block > 1 else None}
+            "affine": out4 == squeezed, "n_classes": _n_classes(state_dict, path), "permutation": permutation,
+            # the last level always has LU weights: with one level, conv_lu cannot be told (and does not matter);
+            # nor for fixed permutations, which have no 1x1 conv
+            "conv_lu": ("blocks.0.flows.0.invconv.w_p" in state_dict
+                        if n_block > 1 and permutation == "conv" else None)}
 
 
 def _n_classes(state_dict: dict, path) -> int | None:
@@ -333,7 +337,7 @@ def load_model(path, flags: dict, device: str = "cpu", backend: str = "auto"):
     shape["conv_lu"] = shape["conv_lu"] is not False
     model = Glow(shape["in_channel"], shape["n_flow"], shape["n_block"], affine=shape["affine"],
                  conv_lu=shape["conv_lu"], hidden_channels=shape["hidden"], backend=backend, reversible=False,
-                 n_classes=shape["n_classes"])
+                 n_classes=shape["n_classes"], permutation=shape["permutation"])
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

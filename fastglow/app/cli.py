@@ -1,4 +1,4 @@
-"""The ``fastglow`` command: train, sample, eval, interpolate, morph.
+"""The ``fastglow`` command: train, sample, eval, interpolate, morph, prepare.
 
 Bad input (a missing/empty/unreadable data set, images smaller than --img-size, a corrupt checkpoint or one of
 another shape, or whose weights do not decode; a bad flag) ends with one line on stderr naming the file and the
@@ -15,16 +15,18 @@ import sys
 import torch
 
 from .. import __version__, z_shapes
+from ..permutation import PERMUTATIONS
 from . import flags
 from .errors import InputError, TrainingError, one_line
 from .limits import DECODE_BATCH, check_grid
+from .prepare import add_prepare_command
 
 
 def _add_data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--data", help="'digits' (scikit-learn's 8x8 digits, 17 levels; the default for train), "
                                   "a folder of images, an LMDB folder (rosinality's layout), or an .npy "
-                                  "(memory-mapped; see fastglow prepare) or .npz of uint8 images")
+                                  "(read image by image; see fastglow prepare) or .npz of uint8 images")
     g.add_argument("--img-size", type=flags.positive_int, help="resize the shorter side to this and centre-crop "
                                                           "(folders: 64; .npz: native size)")
     g.add_argument("--channels", type=flags.channels, help="1 (grey), 3 (RGB) or auto (grey if every image is)")
@@ -59,6 +61,9 @@ def _add_shape_flags(p, defaults=None) -> None:
                           help="additive coupling (rosinality's train.py default)")
     g.add_argument("--no-lu", dest="conv_lu", action="store_const", const=False,
                    help="plain 1x1 conv weights instead of the LU parameterisation")
+    g.add_argument("--permutation", choices=PERMUTATIONS,
+                   help="what mixes the channels between couplings: conv (Glow's learned 1x1 conv), shuffle (a "
+                        "fixed random permutation, RealNVP) or reverse (NICE)" + d("permutation"))
 
 
 def _add_execution_flags(p):
@@ -181,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_execution_flags(i)
     i.set_defaults(run=_interpolate)
     _add_morph_command(sub)
+    add_prepare_command(sub)
     return parser
 
 
@@ -225,7 +231,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _model_flags(args) -> dict:
-    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "img_size", "n_bits", "data")
+    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation", "img_size", "n_bits",
+            "data")
     return {k: getattr(args, k, None) for k in keys}
 
 
@@ -390,8 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastglow {args.command}: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"fastglow {args.command}: interrupted" + (" (continue with --resume)" if args.command == "train"
-                                                          else ""), file=sys.stderr)
+        hint = {"train": " (continue with --resume)", "prepare": " (the same command resumes)"}
+        print(f"fastglow {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
 
 

@@ -26,6 +26,7 @@ class TrainConfig:
     hidden: int = 16
     affine: bool = True
     conv_lu: bool = True
+    permutation: str = "conv"  # "conv", "shuffle" or "reverse" (fastglow.permutation)
     reversible: bool = True
     backend: str = "auto"
     batch: int = 64
@@ -58,7 +59,8 @@ class TrainConfig:
 
 # Settings that define the run (data, model, data order); a resume must not change them.
 FIXED_ON_RESUME = ("data", "img_size", "channels", "n_bits", "npz_key", "test_fraction", "split_seed",
-                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "batch", "seed", "conditional")
+                   "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation", "batch",
+                   "seed", "conditional")
 
 
 def resolve_config(options: dict, saved: dict | None, where: str = "") -> TrainConfig:
@@ -69,10 +71,12 @@ def resolve_config(options: dict, saved: dict | None, where: str = "") -> TrainC
         given["data"] = str(Path(given["data"]).resolve())
     if given.get("cuda_graph") and (given.get("conditional") or (saved or {}).get("conditional")):
         raise InputError("--cuda-graph does not support class-conditional runs yet (the graph holds no labels)")
+    if not given.get("conv_lu", True) and given.get("permutation", "conv") != "conv":
+        raise InputError("--no-lu applies to --permutation conv only")
     if saved is None:
         return TrainConfig(**given)
     for key in FIXED_ON_RESUME:
-        if key in given and given[key] != saved.get(key):
+        if key in given and given[key] != saved.get(key, getattr(TrainConfig, key, None)):
             raise InputError(f"{where}: the run was started with {key}={saved.get(key)!r}; cannot resume it "
                              f"with {key}={given[key]!r} (use another --out for a new run)")
     known = {f.name for f in dataclasses.fields(TrainConfig)}

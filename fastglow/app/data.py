@@ -6,7 +6,7 @@ A data set is a map-style set of uint8 quantisation *levels* (C, H, W) in [0, n_
     folder   every image under a directory (Pillow), resized so the shorter side is ``img_size`` and
              centre-cropped; 8-bit pixels v become levels v >> (8 - n_bits), n_bins = 2**n_bits
     LMDB     a folder holding data.mdb in rosinality's layout (key f"{size}-{i:05d}" -> JPEG bytes, "length")
-    .npy     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, memory-mapped (e.g. from
+    .npy     a uint8 array (N, H, W), (N, C, H, W) or (N, H, W, C) with C in {1, 3}, read image by image (e.g. from
              ``fastglow prepare``); quantised like a folder
     .npz     the same layout under the key ``images`` (or ``npz_key``; an archive with a single array needs
              none), read whole: for small sets (convert a large one to .npy, which is never read whole)
@@ -20,6 +20,7 @@ present, in increasing order, are the classes (ids 0, 1, ..., named by their val
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -102,18 +103,36 @@ def open_dataset(source: str, img_size: int | None = None, channels: int | None 
 
 
 def image_files(root: Path) -> list[Path]:
-    """Every image file under ``root``, recursively, in the (sorted) order the data set's images have."""
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Every image file under ``root``, recursively (not into symlinked folders), in the data set's order: sorted
+    as paths (part by part)."""
+    return [Path(p) for p in image_paths(root)]
+
+
+def image_paths(root: Path) -> list[str]:
+    """:func:`image_files` as strings: one ``scandir`` per folder, no stat per file, no Path objects."""
+    found, folders = [], [str(root)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir() and not entry.is_symlink():
+                    folders.append(entry.path)
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+                    found.append(entry.path)
+    return sorted(found, key=lambda p: p.split(os.sep))
 
 
 def read_image(path, img_size: int, channels: int, name=None) -> np.ndarray:
     """One image (a file, or a file object named ``name``) -> uint8 (channels, img_size, img_size): shorter side
-    resized, centre-cropped."""
+    resized, centre-cropped. A JPEG at least twice as large is decoded at a reduced scale (1/2, 1/4 or 1/8, in
+    the DCT) no smaller than twice the target, then resized (Pillow's thumbnail with reducing_gap=2): a
+    1024x1024 JPEG trained at 256 decodes to 512x512 at a quarter of the cost."""
     from PIL import Image
 
     name = path if name is None else name
     try:
         with Image.open(path) as im:
+            if im.format == "JPEG" and min(im.size) >= 2 * img_size:
+                im.draft(None, (2 * img_size, 2 * img_size))
             im.load()
             if min(im.size) < img_size:
                 raise InputError(f"{name}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")

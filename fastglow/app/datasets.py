@@ -5,14 +5,14 @@ Every data set is an :class:`ImageSet` of N images (C, S, S) whose item i is the
 
     TensorImages   levels already in memory (the digits; a small .npz, read whole as before)
     FolderImages   one image file per item: decoded, shorter side resized to S (Lanczos), centre-cropped
-    ArrayImages    a uint8 .npy (N, C, H, W), (N, H, W, C) or (N, H, W), memory-mapped: item i reads image i only
+    ArrayImages    a uint8 .npy (N, C, H, W), (N, H, W, C) or (N, H, W): item i reads image i only
     LmdbImages     rosinality's LMDB (stylegan2-pytorch prepare_data.py): key f"{S}-{i:05d}" holds image i's
                    encoded bytes, key "length" the count; each process opens its own environment
 
 A :class:`Split` is the training or held-out part (a list of indices into the set). ``split[j]`` is
 ``(j, levels, reason)``: reason "" for a sound image, else why it could not be read (levels then zeros), so a
-DataLoader never dies on a bad file. Memory maps and LMDB environments open lazily in the process that reads
-(after a fork or a spawn), so a data set pickles as a few paths and numbers.
+DataLoader never dies on a bad file. File descriptors and LMDB environments open lazily in the process that
+reads (after a fork or a spawn), so a data set pickles as a few paths and numbers.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ class ImageSet(torch.utils.data.Dataset):
 
     def materialise(self) -> torch.Tensor:
         """Every image's levels (N, C, S, S) in memory (eval and morph on small sets); a bad image refuses."""
-        return torch.stack([self.levels(i) for i in range(self.n)]) if self.n else torch.zeros(0, self.channels,
-                                                                                                self.size, self.size,
-                                                                                                dtype=torch.uint8)
+        if not self.n:
+            return torch.zeros(0, self.channels, self.size, self.size, dtype=torch.uint8)
+        return torch.stack([self.levels(i) for i in range(self.n)])
 
 
 class TensorImages(ImageSet):
@@ -90,7 +90,7 @@ class TensorImages(ImageSet):
 class FolderImages(ImageSet):
     """Image files (sorted paths), each decoded, resized and centre-cropped when read."""
 
-    def __init__(self, files: list[Path], size: int, channels: int, shift: int, name: str):
+    def __init__(self, files: list[str], size: int, channels: int, shift: int, name: str):
         super().__init__(name, len(files), channels, size, shift)
         self.files = files
 
@@ -104,27 +104,34 @@ class FolderImages(ImageSet):
 
 
 class ArrayImages(ImageSet):
-    """A uint8 .npy memory-mapped in the reading process; images of another size are refitted, grey <-> RGB
-    converted, one at a time."""
+    """A C-order uint8 .npy read one image at a time at its offset in the file (``os.pread``, a descriptor per
+    process): the page cache holds what is hot, nothing is mapped. (A memory map would do the same reads, but
+    on Linux 6.x each page fault maps a whole large folio, about 1 MB: the resident size of a worker would
+    grow by a megabyte per image it touched.) Images of another size are refitted, grey <-> RGB converted."""
 
-    def __init__(self, path: Path, layout: str, native: tuple[int, int, int], size: int, channels: int, shift: int,
-                 n: int):
+    def __init__(self, path: Path, layout: str, size: int, channels: int, shift: int, n: int, offset: int,
+                 item_shape: tuple[int, ...]):
         super().__init__(str(path), n, channels, size, shift)
-        self.path, self.layout, self.native = path, layout, native
-        self._array, self._pid = None, None
+        self.path, self.layout, self.offset, self.item_shape = path, layout, offset, item_shape
+        self.item_bytes = int(np.prod(item_shape))
+        self._fd, self._pid = None, None
 
     def __getstate__(self):
-        return {**self.__dict__, "_array": None, "_pid": None}
+        return {**self.__dict__, "_fd": None, "_pid": None}
 
-    def _open(self) -> np.ndarray:
+    def raw(self, i: int) -> np.ndarray:
+        """Image i as stored, read from the file at its offset."""
         if self._pid != os.getpid():
-            self._array, self._pid = np.load(self.path, mmap_mode="r"), os.getpid()
-        return self._array
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        data = os.pread(self._fd, self.item_bytes, self.offset + i * self.item_bytes)
+        if len(data) != self.item_bytes:
+            raise InputError(f"{self.path}: the file ends inside image {i} (truncated)")
+        return np.frombuffer(data, dtype=np.uint8).reshape(self.item_shape)
 
     def pixels(self, i: int) -> np.ndarray:
         from .data import convert_channels, refit
 
-        a = np.asarray(self._open()[i])
+        a = self.raw(i)
         a = a.transpose(2, 0, 1) if self.layout == "NHWC" else a[None] if self.layout == "NHW" else a
         if a.shape[0] != self.channels:
             a = convert_channels(a[None], self.channels)[0]
@@ -139,19 +146,17 @@ class LmdbImages(ImageSet):
     def __init__(self, path: Path, n: int, size: int, channels: int, shift: int):
         super().__init__(str(path), n, channels, size, shift)
         self.path = path
-        self._env, self._pid = None, None
-
-    def __getstate__(self):
-        return {**self.__dict__, "_env": None, "_pid": None}
 
     def key(self, i: int) -> bytes:
         return f"{self.size}-{str(i).zfill(5)}".encode()
 
     def _get(self, key: bytes):
-        if self._pid != os.getpid():
-            self._env, self._pid = open_lmdb(self.path), os.getpid()
-        with self._env.begin(write=False) as txn:
-            return txn.get(key)
+        env = open_lmdb(self.path)
+        try:
+            with env.begin(write=False) as txn:
+                return txn.get(key)
+        except Exception as err:  # noqa: BLE001 - lmdb.Error's many kinds (a corrupt page, a closed env)
+            raise InputError(f"{self.path}[{key.decode()}]: cannot read from the LMDB ({one_line(err)})") from None
 
     def pixels(self, i: int) -> np.ndarray:
         from .data import read_image
@@ -165,8 +170,21 @@ class LmdbImages(ImageSet):
         return f"{self.path}[{self.key(i).decode()}]"
 
 
+_LMDB_ENVS: dict = {}  # (process id, path) -> environment: LMDB allows one per file and process
+
+
 def open_lmdb(path: Path):
-    """A read-only LMDB environment (no lock file: the data set is not written while training reads it)."""
+    """This process's read-only environment of the LMDB at ``path`` (opened on first use; no lock file: the
+    data set is not written while training reads it)."""
+    key = (os.getpid(), str(Path(path).resolve()))
+    if key not in _LMDB_ENVS:
+        for inherited in [k for k in _LMDB_ENVS if k[0] != key[0]]:  # a forked child never reads its parent's;
+            _LMDB_ENVS.pop(inherited).close()  # closed, or py-lmdb refuses to open the file again here
+        _LMDB_ENVS[key] = _open_lmdb(path)
+    return _LMDB_ENVS[key]
+
+
+def _open_lmdb(path: Path):
     try:
         import lmdb
     except ImportError:
@@ -254,7 +272,7 @@ def prepared_meta(path: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Opening (start-up work is flat in the data set's size: a listing, a header sample, a memory map)
+# Opening (start-up work is flat in the data set's size: a listing, a header sample, an array header)
 # ----------------------------------------------------------------------------------------------
 def header_sample(n: int) -> list[int]:
     """Up to HEADER_SAMPLE indices spread evenly over range(n) (all of them when n is small)."""
@@ -267,9 +285,9 @@ def open_folder(root: Path, img_size: int, channels: int | None, shift: int) -> 
     the rest when read; ``channels`` None: 1 if every sampled image is grey, else 3."""
     from PIL import Image
 
-    from .data import GREY_MODES, IMAGE_EXTENSIONS, image_files
+    from .data import GREY_MODES, IMAGE_EXTENSIONS, image_paths
 
-    files = image_files(root)
+    files = image_paths(root)
     if not files:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     modes = []
@@ -306,35 +324,37 @@ def npy_layout(path: Path, shape: tuple, dtype) -> tuple[str, tuple[int, int, in
 
 
 def open_npy(path: Path, img_size: int | None, channels: int | None, n_bits: int | None):
-    """A memory-mapped .npy (only its header is read now) -> (ArrayImages, n_bits); a prepared array's
-    metadata gives the default n_bits and refuses a finer one than it was stored at."""
+    """An .npy (only its header is read now) -> (ArrayImages, n_bits); n_bits None: 5, or fewer
+    if the array was prepared at fewer (its metadata), a finer one than that refused."""
     try:
-        array = np.load(path, mmap_mode="r")
+        array = np.load(path, mmap_mode="r")  # reads the header only
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot read .npy ({one_line(err)})") from None
     layout, native = npy_layout(path, array.shape, array.dtype)
+    if not array.flags.c_contiguous:
+        raise InputError(f"{path}: the array is stored in Fortran order; save it in C order (np.ascontiguousarray)")
     stored = prepared_meta(path).get("n_bits", 8)
     if n_bits is not None and n_bits > stored:
         raise InputError(f"{path}: prepared at --n-bits {stored}; it cannot be trained at --n-bits {n_bits}")
+    n_bits = min(5, stored) if n_bits is None else n_bits
     if img_size is None and native[1] != native[2]:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}; pass --img-size to centre-crop them square")
     size = img_size or native[1]
     if min(native[1:]) < size:
         raise InputError(f"{path}: images are {native[2]}x{native[1]}, smaller than --img-size {size}")
-    n_bits = stored if n_bits is None else n_bits
-    return ArrayImages(path, layout, native, size, channels or native[0], 8 - n_bits, array.shape[0]), n_bits
+    images = ArrayImages(path, layout, size, channels or native[0], 8 - n_bits, array.shape[0], array.offset,
+                         array.shape[1:])
+    return images, n_bits
 
 
 def open_lmdb_set(path: Path, img_size: int | None, channels: int | None, shift: int) -> LmdbImages:
     """rosinality's LMDB: its ``length`` key and the first image (for the size and mode) read now."""
-    env = open_lmdb(path)
-    with env.begin(write=False) as txn:
+    with open_lmdb(path).begin(write=False) as txn:
         length = txn.get(b"length")
     try:
         n = int(length.decode())
     except (AttributeError, ValueError):
         raise InputError(f"{path}: not a rosinality-style LMDB (no integer 'length' key)") from None
-    env.close()
     if n <= 0:
         raise InputError(f"{path}: the LMDB holds no images (length {n})")
     size = img_size or 64

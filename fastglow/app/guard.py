@@ -44,9 +44,12 @@ MAX_LOG_SCALE = 80.0  # exp(+-80) stays inside float32's normal range (1.2e-38 .
 def lu_log_scale_max(model) -> torch.Tensor:
     """max |w_s| over the model's LU 1x1 convolutions W = P L (U + diag(sign exp(w_s))), a 0-dim tensor (no
     host sync). Past MAX_LOG_SCALE, exp(w_s) under- or overflows: W is singular in floating point although
-    the loss (which holds log|det W| = sum w_s, not W^-1) can stay finite."""
+    the loss (which holds log|det W| = sum w_s, not W^-1) can stay finite. 0 for a model without LU convs
+    (fixed permutations, :mod:`fastglow.permutation`)."""
     w_s = [flow.invconv.w_s.detach() for block in model.blocks for flow in block.flows
            if hasattr(flow.invconv, "w_s")]
+    if not w_s:
+        return next(model.parameters()).detach().new_zeros(())
     return torch.stack(torch._foreach_norm(w_s, float("inf"))).max()
 
 

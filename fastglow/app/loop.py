@@ -8,8 +8,11 @@ minimised with Adam at lr_t = lr * min(1, t / warmup) (linear warm-up, t = 1, 2,
 min(1, (T - t + 1) / cooldown) (a linear decay to zero over the last ``cooldown`` of the T steps).
 
 Multi-process (``torchrun --nproc_per_node N``, one process per GPU, or gloo on CPU): DistributedDataParallel;
-``--batch`` is the global batch, every rank draws the same global batch and noise from the same generator and
-keeps its own contiguous 1/N of it, so a run's data and results do not depend on N (up to float rounding).
+``--batch`` is the global batch; each rank's DataLoader reads only its contiguous 1/N of every global batch and
+draws that share of the global batch's noise (:mod:`fastglow.app.sampler`), so a run's data and results do not
+depend on N (up to float rounding), nor on the number of loader workers. Unreadable images met in a batch are
+filled in from the same batch, logged ("bad_images") and counted; more than ``max_bad_images`` of the training
+split stop the run like a divergence.
 ActNorm's data-dependent init uses the whole first global batch (each rank computes the same statistics; DDP's
 construction then broadcasts rank 0's parameters and buffers, so all ranks start bit-identical). Only rank 0
 writes files. A non-finite loss or gradient skips the optimizer step on every rank (the loss is all-reduced,
@@ -44,8 +47,8 @@ from .config import TrainConfig, resolve_config
 from .classes import classification_accuracy, run_labels, sample_grid_latents
 from .data import load_split, save_image_grid
 from .datasets import Split
-from .distributed import (Dist, all_gather_objects, all_reduce_sum, broadcast_object, parameters_agree,
-                          pick_backend, setup_distributed, teardown, wrap_model)
+from .distributed import (Dist, all_reduce_sum, broadcast_object, parameters_agree, pick_backend,
+                          setup_distributed, teardown, wrap_model)
 from .errors import CheckpointError, InputError, TrainingError, one_line
 from .objective import build_model, evaluate, gradient_norm, learning_rate, training_loss
 from .progress import progress
@@ -208,8 +211,8 @@ def train_step(state: RunState) -> tuple[float, float]:
         state.window.append(train_bpd)
     else:
         _skip_step(state, train_bpd, grad_norm)
-    if n_bad:
-        _bad_images(state, bad)
+    if n_bad and (why := state.data.record_bad(bad, state.step, state.log)):
+        _diverge(state, why, hint="repair them, then --resume (or resume with a higher --max-bad-images)")
     state.elapsed = time.perf_counter() - state.started
     return lr, grad_norm
 
@@ -237,25 +240,6 @@ def _skip_step(state: RunState, train_bpd: float, grad_norm: float) -> None:
         _diverge(state, f"the loss or its gradient was non-finite for {state.bad_run} consecutive steps "
                         f"({state.step - state.bad_run + 1}..{state.step}); stopped without updating the weights "
                         "with them")
-
-
-def _bad_images(state: RunState, bad: list[tuple[int, str]]) -> None:
-    """Log the unreadable images of this step's global batch (every rank's, gathered), warn once per image,
-    and stop the run when more than ``max_bad_images`` of the training split has proved unreadable."""
-    found = [item for part in all_gather_objects(bad, state.dist) for item in part]
-    new = [(j, why) for j, why in found if j not in state.data.bad]
-    state.data.bad.update(j for j, _ in found)
-    names = [state.train_set.describe(j) for j, _ in found]
-    if state.dist.main:
-        for j, why in new:
-            print(f"fastglow: warning: skipped an unreadable image: {why}", file=sys.stderr)
-    total, n = len(state.data.bad), len(state.train_set)
-    state.log.write(event="bad_images", step=state.step, files=names, reasons=[why for _, why in found],
-                    bad_images_total=total)
-    if total > state.cfg.max_bad_images * n:
-        _diverge(state, f"{total} of the {n} training images are unreadable, more than --max-bad-images "
-                        f"{state.cfg.max_bad_images:g} of them (the latest: {found[-1][1]})",
-                 hint="fix or remove them, then --resume (or raise --max-bad-images)")
 
 
 def _report(state: RunState, bar, lr: float, grad_norm: float) -> None:

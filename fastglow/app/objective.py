@@ -14,6 +14,7 @@ from .distributed import Dist, all_reduce_sum
 
 def build_model(cfg: TrainConfig) -> Glow:
     return Glow(cfg.channels, cfg.n_flow, cfg.n_block, affine=cfg.affine, conv_lu=cfg.conv_lu,
+                permutation=cfg.permutation,
                 hidden_channels=cfg.hidden, backend=cfg.backend, reversible=cfg.reversible,
                 n_classes=cfg.n_classes if cfg.conditional else None, class_weight=cfg.class_weight,
                 **(dict(validate=False, reversible_tol=None) if cfg.cuda_graph else {}))  # no host syncs

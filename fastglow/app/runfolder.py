@@ -31,6 +31,7 @@ except ImportError:  # not POSIX (Windows): no lock
     fcntl = None
 
 PID_FILE = "trainer.pid"
+_HELD: set[int] = set()  # descriptors of the locks this process holds
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_DIR = "samples"
 
@@ -57,6 +58,7 @@ class RunLock:
             raise InputError(f"{self.out}: another trainer is running in this folder (PID {self._holder()}); "
                              "wait for it to end, or choose another --out") from None
         self.fd = fd
+        _HELD.add(fd)
         try:
             (self.out / PID_FILE).write_text(f"{os.getpid()}\n", encoding="utf-8")
         except OSError:
@@ -75,6 +77,7 @@ class RunLock:
         pid_file = self.out / PID_FILE
         if self._holder() == str(os.getpid()):
             pid_file.unlink(missing_ok=True)  # ours: we still hold the lock, nobody else can have written it
+        _HELD.discard(self.fd)
         if failed and self.created:
             try:
                 self.out.rmdir()  # only an empty folder: a refused run leaves no trace
@@ -82,6 +85,17 @@ class RunLock:
                 pass
         os.close(self.fd)  # closing the descriptor drops the flock
         self.fd = None
+
+
+def close_inherited_locks(*_) -> None:
+    """In a forked child (a DataLoader worker): close its copies of the parent's lock descriptors, so that the
+    lock ends with the trainer (a kill -9 included), not with the last of its workers."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
 
 
 def earlier_files(out: Path) -> list[Path]:

@@ -17,9 +17,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import sys
 
 import torch
 
+from .distributed import all_gather_objects
 from .errors import CheckpointError, InputError
 
 
@@ -90,8 +92,11 @@ def make_loader(split, sampler: StepBatches, workers: int, pin: bool):
     item is (position, levels, reason), so a batch is (positions, levels (b, C, S, S), reasons). The workers'
     seeds come from a generator of its own: the global RNGs stay untouched (nothing in a worker draws)."""
     seeds = torch.Generator().manual_seed(derive_seed(sampler.seed, "workers", sampler.start))
+    from .runfolder import close_inherited_locks
+
     return torch.utils.data.DataLoader(split, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
-                                       prefetch_factor=4 if workers else None, generator=seeds)
+                                       prefetch_factor=4 if workers else None, generator=seeds,
+                                       worker_init_fn=close_inherited_locks)
 
 
 def fill_bad(levels: torch.Tensor, reasons: list[str]) -> tuple[torch.Tensor, list[int]]:
@@ -155,6 +160,24 @@ class TrainData:
                          self.dist.rank, self.dist.world)
         y = None if self.labels is None else self.labels[positions].to(self.dist.device, non_blocking=True)
         return x, y, [(int(positions[i]), reasons[i]) for i in bad]
+
+    def record_bad(self, bad: list[tuple[int, str]], step: int, log) -> str | None:
+        """Log the unreadable images of step ``step``'s global batch (every rank's ``bad``, gathered) in
+        ``log``, warn once per image -> why the run must stop (more than ``max_bad_images`` of the training
+        split unreadable), or None."""
+        found = [item for part in all_gather_objects(bad, self.dist) for item in part]
+        if self.dist.main:
+            for j, why in found:
+                if j not in self.bad:
+                    print(f"fastglow: warning: skipped an unreadable image: {why}", file=sys.stderr)
+        self.bad.update(j for j, _ in found)
+        total, n = len(self.bad), len(self.split)
+        log.write(event="bad_images", step=step, files=[self.split.describe(j) for j, _ in found],
+                  reasons=[why for _, why in found], bad_images_total=total)
+        if total > self.cfg.max_bad_images * n:
+            return (f"{total} of the {n} training images are unreadable, more than --max-bad-images "
+                    f"{self.cfg.max_bad_images:g} of them (the latest: {found[-1][1]})")
+        return None
 
     def close(self) -> None:
         """Stop the loader's worker processes."""

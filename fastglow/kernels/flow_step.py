@@ -15,7 +15,7 @@ Maths (h = h_raw * exp(3 * zscale), halves y_a = y[:, :C/2], y_b = y[:, C/2:]):
     additive         y_b' = y_b + h  (logdet 0);                                   uncombine  y_b = y_b' - h
 The channel mix is exact by default (``tl.dot(..., input_precision="ieee")``, never plain TF32, which breaks
 invertibility); ``input_precision="tf32x3"`` (float32 only: three TF32 tensor-core products, ~float32 accuracy,
-see benchmarks/tf32_emulation.py) is an option until a GPU run decides. float64 always runs "ieee".
+see benchmarks/studies/tf32_emulation.py) is an option until a GPU run decides. float64 always runs "ieee".
 Reductions (logdet, d zscale, d mix_weight, d mix_bias) write one partial per program into a buffer that torch
 sums afterwards: deterministic, no atomics; they accumulate in the input dtype (float32, or float64).
 """
