@@ -383,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if unknown:  # named by the command's own parser: "fastglow eval: error: ..."
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    torch.set_num_threads(args.threads or flags.default_threads(args.command == "train"))
+    torch.set_num_threads(getattr(args, "threads", None) or flags.default_threads(args.command == "train"))
     try:
         return args.run(args)
     except InputError as err:
