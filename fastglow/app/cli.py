@@ -222,7 +222,8 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(options)
     if summary["rank"] == 0:
         print(f"step {summary['step']}: test bits/dim {summary['test_bpd']:.4f} "
-              f"({summary['elapsed_s']:.1f} s of training, {summary['skipped']} steps skipped)")
+              f"({summary['elapsed_s']:.1f} s of wall time, evaluations and sample grids included; "
+              f"{summary['skipped']} steps skipped)")
         if summary["test_accuracy"] is not None:
             print(f"held-out classification accuracy {summary['test_accuracy']:.4f}")
         print(f"samples: {summary['sample']}")
