@@ -121,7 +121,8 @@ def _add_train_command(sub) -> None:
     o.add_argument("--max-bad-steps", type=flags.positive_int,
                    help=f"stop after this many consecutive non-finite losses (default {C.max_bad_steps})")
     r = t.add_argument_group("run")
-    r.add_argument("--out", type=flags.run_folder, help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
+    r.add_argument("--out", type=flags.run_folder,
+                   help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
     start = r.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     start.add_argument("--new-run", action="store_true",
@@ -180,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
     i.add_argument("images", nargs=2, metavar="IMAGE", help="the two end points")
     i.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
-    i.add_argument("--out", type=flags.png_file, default="interpolation.png", help="PNG to write (default interpolation.png)")
+    i.add_argument("--out", type=flags.png_file, default="interpolation.png",
+                   help="PNG to write (default interpolation.png)")
     _add_image_output_flags(i)
     _add_shape_flags(i)
     _add_execution_flags(i)
