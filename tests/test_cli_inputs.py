@@ -151,3 +151,13 @@ def test_item12_default_threads_leave_a_loaded_machine_alone(monkeypatch):
     assert flags.default_threads(steady=False) == 1
     monkeypatch.setattr(flags, "available_cpus", lambda: 2)
     assert flags.default_threads(steady=True) == 2  # never more than the CPUs this process may use
+
+
+def test_item12_main_leaves_the_callers_thread_count_alone(ckpt, tmp_path):
+    import torch
+
+    from fastglow.app.cli import main
+
+    before = torch.get_num_threads()
+    assert main(["sample", "--ckpt", str(ckpt), "--n", "2", "--threads", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert torch.get_num_threads() == before

@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if unknown:  # named by the command's own parser: "fastglow eval: error: ..."
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    threads = torch.get_num_threads()  # restored at the end: main() may run inside a longer process
     torch.set_num_threads(getattr(args, "threads", None) or flags.default_threads(args.command == "train"))
     try:
         return args.run(args)
@@ -403,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = {"train": " (continue with --resume)", "prepare": " (the same command resumes)"}
         print(f"fastglow {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":
