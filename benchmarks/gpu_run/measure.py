@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import statistics
-import time
 import traceback
 
 import torch
@@ -137,7 +136,4 @@ def time_kernel(fn, device: torch.device) -> float:
     if device.type == "cuda":
         from triton.testing import do_bench
         return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
+    return 1e3 * time_rounds({"kernel": fn}, 1, device=device, warmup=1)["kernel"]["wall_s"][0]
