@@ -116,7 +116,7 @@ def lu_level(k: int, c: int, device):
     """K reference Flows at C channels -> (fused, eager): every step's W, W^-1 and log|det W| in one batched
     kernel each way, or the eager loop over the steps."""
     from fastglow import reference
-    from fastglow.ops import fold_level  # after TRITON_INTERPRET is decided
+    from fastglow.backends.triton import fold_level  # after TRITON_INTERPRET is decided
     torch.manual_seed(0)
     flows = torch.nn.ModuleList(reference.Flow(c, hidden_channels=4) for _ in range(k)).to(device)
 

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from . import reference
+from .kernels.utils import MIX_PRECISIONS  # the Triton 1x1 mix's tl.dot input precisions
 from .reference import z_shapes
 
 BACKENDS = ("auto", "eager", "triton")
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
-MIX_PRECISIONS = ("ieee", "tf32x3")  # tl.dot input precision of the Triton 1x1 mix (float32; float64 is ieee)
 MAX_N_BLOCK = 12  # images must be at least 2**n_block pixels a side: 4096 is already far beyond any Glow
 
 
@@ -124,14 +124,15 @@ def check_img_size(img_size, n_block: int) -> tuple[int, int]:
     return h, w
 
 
-def check_z_list(z_list, in_channel: int, n_block: int) -> None:
-    """z_list must hold n_block finite floating tensors with the shapes of ``forward``'s z_outs."""
+def check_z_list(z_list, in_channel: int, n_block: int, finite: bool = True) -> None:
+    """z_list must hold n_block floating tensors with the shapes of ``forward``'s z_outs, finite (``finite=False``
+    skips that check, the only one that reads values)."""
     if not isinstance(z_list, (list, tuple)):
         raise TypeError(f"z_list must be a list of tensors, got {type(z_list).__name__}")
     if len(z_list) != n_block:
         raise ValueError(f"z_list must hold n_block={n_block} tensors, got {len(z_list)}")
     for i, z in enumerate(z_list):
-        _check_values(f"z_list[{i}]", z)
+        _check_values(f"z_list[{i}]", z, finite)
         if z.dim() != 4:
             raise ValueError(f"z_list[{i}] must have 4 dimensions, got shape {tuple(z.shape)}")
     last = z_list[-1]

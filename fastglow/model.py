@@ -13,7 +13,8 @@ from .backends import select_backend
 from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
                      check_labels, check_matches_model, check_sample_args, check_z_list)
 from .conditional import DEFAULT_CLASS_WEIGHT
-from .reversible import ReconstructionMonitor, ReversibleOptions, check_reversible_options, reversible_steps
+from .reversible import (LevelHandle, ReconstructionMonitor, ReversibleOptions, check_reversible_options,
+                         reversible_steps)
 
 
 class Glow(reference.Glow):
@@ -61,6 +62,8 @@ class Glow(reference.Glow):
         self.reversible_tol = reversible_tol
         self.backward_chunk = backward_chunk
         self._reconstruction = ReconstructionMonitor(n_block)
+        self._level_handles = [LevelHandle(block.flows, None, self._reconstruction, i)
+                               for i, block in enumerate(self.blocks)]  # the reversible level ops' keys
         self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
         self.mix_precision = mix_precision
         for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
@@ -81,43 +84,34 @@ class Glow(reference.Glow):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """x (B, C, H, W) -> (log_p [B], logdet [B], z_outs); a class-conditional model takes labels y
-        (int64 [B]) and log_p is log p(z | y)."""
+        (int64 [B]) and log_p is log p(z | y). The reference's level loop, each level through :meth:`run_level`."""
         check_image(x, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("input", x, self.blocks[0].prior.scale)
         check_labels(y, self.n_classes, x.shape[0], x.device)
         self.last_img_size = (x.shape[2], x.shape[3])
         with self.flow_precision(x.device.type):
-            return self._forward(x, y)
+            return super().forward(x, y)
 
-    def _forward(self, x: torch.Tensor, y: torch.Tensor | None):
-        backend = select_backend(self.backend, x, self.mix_precision)
-        if not self.actnorm_initialized():
-            # ActNorm's data-dependent init needs each step's input: the first batch runs eagerly, keeping no
-            # activations; with grad, it then runs again below (the backend, reversible) like every later one.
+    def run_level(self, block: reference.Block, x: torch.Tensor, reverse: bool = False):
+        """A level's squeeze and K flow steps through the backend, x -> (output, logdet [B]) (``reverse``: the
+        inverse, then unsqueeze). ``reversible``: activations are rebuilt by inversion in backward (memory flat
+        in K), else plain autograd. A level whose ActNorms are not initialised first runs the reference's
+        steps without grad (their data-dependent init needs each step's input, and keeps no activations); with
+        grad, it then runs again like every later batch."""
+        backend = select_backend(self.backend, x, self.mix_precision)  # refused before anything runs
+        if reverse:
+            return backend.unsqueeze(backend.inverse(block.flows, x))
+        if not all(flow.actnorm.is_initialized for flow in block.flows):
             with torch.no_grad():
-                first = super().forward(x, y)
+                first = super().run_level(block, x)
             if not torch.is_grad_enabled():
                 return first
-        log_p_sum = x.new_zeros(x.shape[0])
-        logdet = x.new_zeros(x.shape[0])
-        z_outs = []
-        out = x
-        for block, shift in zip(self.blocks, self.prior_shifts(y, required=True)):
-            out, det = self._run_flows(block, backend.squeeze(out), backend)
-            logdet = logdet + det
-            out, log_p, z = block.split_off(out, shift)
-            log_p_sum = log_p_sum + log_p
-            z_outs.append(z)
-        return log_p_sum, logdet, z_outs
-
-    def _run_flows(self, block: reference.Block, x: torch.Tensor, backend):
-        """A level's K flow steps on its squeezed input: -> (output, logdet [B]). ``reversible``: activations
-        are rebuilt by inversion in backward (memory flat in K), else plain autograd."""
+        x = backend.squeeze(x)
         if not self.reversible:
             return backend.forward(block.flows, x)
         level = next(i for i, b in enumerate(self.blocks) if b is block)
         options = ReversibleOptions(self.reversible_tol, self.backward_chunk, self._reconstruction, level)
-        return reversible_steps(block.flows, x, backend, options)
+        return reversible_steps(block.flows, x, backend, options, self._level_handles[level])
 
     def reconstruction_error(self) -> torch.Tensor:
         """Per level [n_block]: max over samples of ||x̂ - x|| / ||x|| between the level input rebuilt by the
@@ -133,20 +127,11 @@ class Glow(reference.Glow):
     def reverse(self, z_list, reconstruct: bool = False, y: torch.Tensor | None = None) -> torch.Tensor:
         """Latents -> image. ``reconstruct=True``: z_list are forward's z_outs; else standard noise, which a
         class-conditional model turns into latents under the prior of labels y (int64 [B])."""
-        check_z_list(z_list, self.in_channel, self.n_block)
+        check_z_list(z_list, self.in_channel, self.n_block, finite=self.validate)
         check_matches_model("z_list", z_list[-1], self.blocks[0].prior.scale)
         check_labels(y, self.n_classes, z_list[-1].shape[0], z_list[-1].device, required=not reconstruct)
         with self.flow_precision(z_list[-1].device.type):
-            return self._reverse(z_list, reconstruct, y)
-
-    def _reverse(self, z_list, reconstruct: bool, y: torch.Tensor | None) -> torch.Tensor:
-        backend = select_backend(self.backend, z_list[-1], self.mix_precision)
-        x = z_list[-1]
-        shifts = self.prior_shifts(y, required=not reconstruct)
-        for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
-            x = block.merge(x, z, reconstruct=reconstruct, shift=shift)
-            x = backend.unsqueeze(backend.inverse(block.flows, x))
-        return x
+            return super().reverse(z_list, reconstruct, y)
 
     def class_loss(self, z_outs, y: torch.Tensor) -> torch.Tensor:
         """class_weight * mean cross-entropy (bits) of the auxiliary classifier on forward's z_outs and labels y."""

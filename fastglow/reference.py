@@ -193,17 +193,19 @@ class InvConv2dLU(_InvConv1x1):
 
     def __init__(self, in_channel: int):
         super().__init__()
-        q, _ = linalg.qr(torch.randn(in_channel, in_channel, dtype=torch.float64).numpy())
+        # numpy's generator, QR in float64, LU of the float32 rotation: rosinality's draws, so a seeded run
+        # (torch.manual_seed and np.random.seed) starts from its weights
+        q, _ = linalg.qr(np.random.randn(in_channel, in_channel))
         w_p, w_l, w_u = linalg.lu(q.astype(np.float32))
-        w_s = np.diag(w_u)
+        w_s = torch.from_numpy(np.diag(w_u).copy())
         u_mask = np.triu(np.ones_like(w_u), 1)
         self.register_buffer("w_p", torch.from_numpy(w_p))
         self.register_buffer("u_mask", torch.from_numpy(u_mask))
         self.register_buffer("l_mask", torch.from_numpy(u_mask.T.copy()))
-        self.register_buffer("s_sign", torch.from_numpy(np.sign(w_s)))
+        self.register_buffer("s_sign", torch.sign(w_s))
         self.register_buffer("l_eye", torch.eye(in_channel))
         self.w_l = nn.Parameter(torch.from_numpy(w_l))
-        self.w_s = nn.Parameter(torch.from_numpy(np.log(np.abs(w_s))))
+        self.w_s = nn.Parameter(torch.log(torch.abs(w_s)))
         self.w_u = nn.Parameter(torch.from_numpy(np.triu(w_u, 1)))
 
     def calc_weight(self) -> torch.Tensor:
@@ -351,20 +353,26 @@ class Block(nn.Module):
             eps = gaussian_sample(eps, *self.prior_params(kept, shift))
         return torch.cat([kept, eps], 1) if self.split else eps
 
-    def forward(self, x, shift=None):
+    def run_flows(self, x, reverse=False):
+        """The level's squeeze and K flow steps, x -> (out, logdet [B]); ``reverse``: out -> x, the inverse."""
+        if reverse:
+            for flow in self.flows[::-1]:
+                x = flow.reverse(x)
+            return unsqueeze2d(x)
         out = squeeze2d(x)
         logdet = x.new_zeros(x.shape[0])
         for flow in self.flows:
             out, det = flow(out)
             logdet = logdet + det
+        return out, logdet
+
+    def forward(self, x, shift=None):
+        out, logdet = self.run_flows(x)
         kept, log_p, z = self.split_off(out, shift)
         return kept, logdet, log_p, z
 
     def reverse(self, kept, eps, reconstruct=False, shift=None):
-        x = self.merge(kept, eps, reconstruct, shift)
-        for flow in self.flows[::-1]:
-            x = flow.reverse(x)
-        return unsqueeze2d(x)
+        return self.run_flows(self.merge(kept, eps, reconstruct, shift), reverse=True)
 
 
 class Glow(ClassConditional, nn.Module):
@@ -402,7 +410,8 @@ class Glow(ClassConditional, nn.Module):
         z_outs = []
         out = x
         for block, shift in zip(self.blocks, self.prior_shifts(y, required=True)):
-            out, det, log_p, z = block(out, shift)
+            out, det = self.run_level(block, out)
+            out, log_p, z = block.split_off(out, shift)
             z_outs.append(z)
             logdet = logdet + det
             log_p_sum = log_p_sum + log_p
@@ -412,8 +421,12 @@ class Glow(ClassConditional, nn.Module):
         x = z_list[-1]
         shifts = self.prior_shifts(y, required=not reconstruct)
         for block, z, shift in zip(self.blocks[::-1], z_list[::-1], shifts[::-1]):
-            x = block.reverse(x, z, reconstruct=reconstruct, shift=shift)
+            x = self.run_level(block, block.merge(x, z, reconstruct, shift), reverse=True)
         return x
+
+    def run_level(self, block, x, reverse=False):
+        """The one hook of the level loop (:meth:`Block.run_flows` here; fastglow.Glow runs levels fast)."""
+        return block.run_flows(x, reverse)
 
 
 def _strip_data_parallel_prefix(module, state_dict, prefix, *_args):

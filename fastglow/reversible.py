@@ -19,22 +19,32 @@ that relative distance (not necessarily within it elementwise: ReLU kinks make g
 What is kept: the level output x_K costs nothing, the split's kept half and latent are views of it (measured in
 tests/test_reversible.py through saved-tensor hooks); x_0 is the squeezed copy of the level's input, one
 level-input-sized tensor per level (under 2 images' worth over all levels), independent of K.
-Double backward is not supported."""
+Double backward is not supported.
+
+As an op: a level's forward is ``fastglow::reversible_level`` (x, the steps' parameter tensors, the level's
+:class:`LevelHandle` key and options -> y, logdet), registered with torch.library with a fake implementation
+and an autograd formula that calls ``fastglow::reversible_level_backward`` (the reversible backward, trust
+check and fallback included). Both are opaque to torch.compile, so a compiled graph holds one op per level and
+its backward one op per level; torch.export keeps them too."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import math
 import numbers
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .level_backward import (batch_slices, bound_parameters, level_backward, parameter_slots,
-                             replay_level_backward)
+from .backends import BACKEND_PRIMITIVES, select_backend
+from .kernels.utils import fake_or_meta, functorch_dispatch, under_functorch
+from .level_backward import batch_slices, call_with, level_backward, parameter_slots, replay_level_backward
 from .reference import ActNorm
 
 # reversible_tol="auto": the square root of the level dtype's machine epsilon, half its digits (float32: 3.5e-4,
@@ -90,77 +100,216 @@ class ReconstructionMonitor:
         return torch.full((self.n_levels,), math.nan) if self._errors is None else self._errors.clone()
 
 
-def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, backend, options: ReversibleOptions | None = None):
+class LevelHandle:
+    """What a level op needs beyond tensors, registered under an int ``key`` (the op's argument): the steps, the
+    backend object (None: chosen per call from the op's backend name) and where to record the reconstruction
+    error. A model owns one per level; copies (deepcopy, unpickling) register themselves under a new key."""
+
+    def __init__(self, steps, backend=None, monitor: ReconstructionMonitor | None = None, level: int = 0):
+        self.steps, self.backend, self.monitor, self.level = steps, backend, monitor, level
+        self.autocast = None  # the latest forward's autocast state, replayed by its backward
+        self._register()
+
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        _HANDLES[self.key] = self
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "key"}
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    def resolve(self, backend: str, mix_precision: str, x: torch.Tensor):
+        return self.backend if self.backend is not None else select_backend(backend, x, mix_precision)
+
+
+_KEYS = itertools.count(1)
+_HANDLES: "weakref.WeakValueDictionary[int, LevelHandle]" = weakref.WeakValueDictionary()
+_STANDALONE: "collections.OrderedDict[tuple, LevelHandle]" = collections.OrderedDict()  # reversible_steps' own
+_STANDALONE_SIZE = 64
+
+
+def _standalone_handle(steps, backend, options: ReversibleOptions) -> LevelHandle:
+    """A handle for a direct :func:`reversible_steps` call, reused while the same steps, backend and monitor come
+    back (the most recent few are kept alive: the backward looks its handle up by key)."""
+    ident = (tuple(map(id, steps)), id(backend), id(options.monitor), options.level)
+    handle = _STANDALONE.pop(ident, None)
+    if handle is None or handle.backend is not backend or any(a is not b for a, b in zip(handle.steps, steps)):
+        handle = LevelHandle(list(steps), backend, options.monitor, options.level)
+    _STANDALONE[ident] = handle
+    while len(_STANDALONE) > _STANDALONE_SIZE:
+        _STANDALONE.popitem(last=False)
+    return handle
+
+
+def reversible_steps(steps: Sequence[nn.Module], x: torch.Tensor, backend, options: ReversibleOptions | None = None,
+                     handle: LevelHandle | None = None):
     """Same result as ``backend.forward(steps, x)`` (plain autograd keeps every step's activations); backward
-    rebuilds activations from the output (memory flat in K), see the module docstring.
+    rebuilds activations from the output (memory flat in K), see the module docstring. ``handle``: the level's
+    registered handle (:class:`fastglow.Glow` passes its own; made here otherwise).
 
     Without anything to differentiate (``torch.no_grad()``, inference mode, nothing requires grad) it is
-    ``backend.forward`` and saves nothing.
+    ``backend.forward`` and saves nothing. Else one ``fastglow::reversible_level`` op.
     """
     steps = list(steps)
     _check_arguments(steps, x, backend)
-    slots = [parameter_slots(step) for step in steps]
-    params = [t for step_slots in slots for _, _, t in step_slots]
+    params = [t for step in steps for _, _, t in step_slots(step)]
     if not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))):
         return backend.forward(steps, x)
     _require_initialized(steps, "forward")
-    layout = [[(module, name) for module, name, _ in step_slots] for step_slots in slots]
-    return ReversibleSteps.apply(x, steps, layout, backend, options or ReversibleOptions(), *params)
+    options = options or ReversibleOptions()
+    if handle is None:
+        handle = _standalone_handle(steps, backend, options)
+    args = (handle.key, backend.name, getattr(backend, "mix_precision", "ieee"), options.tolerance(x.dtype),
+            options.chunk)
+    if under_functorch(x, *params):
+        y, logdet = _FunctorchLevel.apply(x, args, *params)
+        return y, logdet
+    return reversible_level(x, params, *args)
 
 
-_BACKEND_PRIMITIVES = ("forward", "fold", "coupling_net", "coupling_backward", "mix_backward")
-_N_NON_PARAM_INPUTS = 5  # x, steps, layout, backend, options precede the parameters in apply()
+def step_slots(step: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """:func:`fastglow.level_backward.parameter_slots`, or on an ``nn.DataParallel`` replica (whose parameters
+    are plain attributes, so ``parameters()`` is empty) the replicated tensors, found as DataParallel lists
+    them (``_former_parameters``, a private attribute: read for that wrapper only)."""
+    slots = parameter_slots(step)
+    if slots or not any(getattr(m, "_is_replica", False) for m in step.modules()):
+        return slots
+    return [(owner, f"{prefix}.{name}" if prefix else name, t) for prefix, owner in step.named_modules()
+            for name, t in getattr(owner, "_former_parameters", {}).items() if t is not None]
 
 
-class ReversibleSteps(torch.autograd.Function):
-    """autograd node for a whole level: inputs (x, steps, layout, backend, options, *params),
-    outputs (y, logdet [B]). ``params`` are the steps' parameters in ``step.parameters()`` order, step k's
-    owned by the (module, name) pairs ``layout[k]``; they are explicit inputs so autograd accumulates their
-    gradients into ``.grad``.
+@torch.library.custom_op("fastglow::reversible_level", mutates_args=())
+def reversible_level(x: torch.Tensor, params: list[torch.Tensor], key: int, backend: str, mix_precision: str,
+                     tol: float | None, chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A level's K steps, x -> (y, logdet [B]), with the parameters ``params`` (the steps' slot order); its
+    autograd formula is the reversible backward, ``fastglow::reversible_level_backward``."""
+    return _level_forward(x, params, key, backend, mix_precision, tol, chunk)
 
-    Backward returns all the level's parameter gradients at once (autograd's contract), so it holds them until
-    it returns: parameter-sized, independent of batch and image size (autograd adopts them as ``.grad`` when
-    that is ``None``, as after ``zero_grad()``, else adds them in place).
-    """
+
+def _level_forward(x, params, key, backend, mix_precision, tol, chunk):
+    handle = _HANDLES[key]
+    steps = list(handle.steps)
+    handle.autocast = _autocast_state(x.device.type)
+    with torch.no_grad():
+        return call_with(steps, [step_slots(s) for s in steps], params, _chunked_forward, x,
+                         handle.resolve(backend, mix_precision, x), chunk)
+
+
+@torch.library.custom_op("fastglow::reversible_level_backward", mutates_args=())
+def reversible_level_grad(x0: torch.Tensor, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None,
+                          params: list[torch.Tensor], key: int, backend: str, mix_precision: str, tol: float | None,
+                          chunk: int | None) -> list[torch.Tensor]:
+    """[∂L/∂x, ∂L/∂param for each of ``params``]: the level's reversible backward from its output y, its rebuilt
+    input checked against the stored x0 (above ``tol``: the exact replay from x0, counted and warned about)."""
+    return _level_backward(x0, y, grad_y, grad_logdet, params, key, backend, mix_precision, tol, chunk)
+
+
+def _level_backward(x0, y, grad_y, grad_logdet, params, key, backend, mix_precision, tol, chunk):
+    handle = _HANDLES[key]
+    steps = list(handle.steps)
+    _require_initialized(steps, "backward recomputation")
+    backend_steps = handle.resolve(backend, mix_precision, x0)
+    tensors = iter(params)
+    slots = [[(m, n, next(tensors)) for m, n, _ in step_slots(step)] for step in steps]
+    with _autocast(handle.autocast), functorch_dispatch():
+        result = level_backward(steps, y, grad_y, grad_logdet, backend_steps, x0=x0, chunk=chunk, slots=slots)
+        if handle.monitor is not None:
+            handle.monitor.record(handle.level, result.error)
+        error = None if tol is None else result.error.item()  # the one host sync of the backward
+        if error is not None and not error <= tol:
+            _report_fallback(handle, error, tol)
+            result = replay_level_backward(steps, x0, grad_y, grad_logdet, backend_steps, chunk, slots)
+    grads = [g for step_grads in result.param_grads for g in step_grads]
+    return _distinct([result.grad_x] + [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+
+
+def _distinct(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """An op's outputs may not share memory: gradients of stacked parameters (one batched LU launch) are views
+    of one tensor, so every tensor whose storage an earlier one uses is copied (parameter-sized)."""
+    seen, out = set(), []
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        out.append(t.clone() if ptr in seen else t)
+        seen.add(ptr)
+    return out
+
+
+def _level_shapes(x, *_):
+    return torch.empty_like(x), x.new_empty(x.shape[:1])
+
+
+def _level_grad_shapes(x0, y, grad_y, grad_logdet, params, *_):
+    return [torch.empty_like(x0)] + [torch.empty_like(p) for p in params]
+
+
+def _level_setup(ctx, inputs, output):
+    x, params, *ctx.args = inputs
+    ctx.save_for_backward(x, output[0], *params)
+
+
+def _level_backprop(ctx, grad_y, grad_logdet):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("reversible backprop is once-differentiable: double backward "
+                           "(create_graph=True) is not supported; use reversible=False for it")
+    grads = _level_grads(ctx, grad_y, grad_logdet)
+    return grads[0], list(grads[1:]), *([None] * len(ctx.args))
+
+
+def _level_grads(ctx, grad_y, grad_logdet):
+    x0, y, *params = ctx.saved_tensors
+    return reversible_level_grad(x0, y, grad_y.contiguous(), grad_logdet, params, *ctx.args)
+
+
+class _FunctorchLevel(torch.autograd.Function):
+    """The same two ops under torch.func transforms (grad, vjp, vmap of grad): an op's registered autograd has
+    no setup_context, which functorch requires (pytorch/pytorch#168393), so there the pair runs through this
+    Function. (Its backward runs under functorch's own grad mode: once-differentiable is not enforced.)"""
+
+    generate_vmap_rule = True  # vmap reaches the ops' own rules
 
     @staticmethod
-    def forward(ctx, x, steps, layout, backend, options, *params):
-        y, logdet = _chunked_forward(steps, x, backend, options.chunk)  # under no_grad: nothing kept
-        ctx.steps, ctx.layout, ctx.backend, ctx.options = steps, layout, backend, options
-        ctx.autocast = _autocast_state(x.device.type)
-        ctx.save_for_backward(x, y, *params)  # y: the split's kept half and latent are views of it
-        return y, logdet
+    def forward(x, args, *params):
+        return reversible_level(x, list(params), *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _level_setup(ctx, (inputs[0], inputs[2:], *inputs[1]), output)
 
     @staticmethod
     def backward(ctx, grad_y, grad_logdet):
-        if torch.is_grad_enabled():
-            raise RuntimeError("reversible backprop is once-differentiable: double backward "
-                               "(create_graph=True) is not supported; use reversible=False for it")
-        x0, y, *params = ctx.saved_tensors
-        options, steps = ctx.options, ctx.steps
-        _require_initialized(steps, "backward recomputation")
-        needs = iter(ctx.needs_input_grad[_N_NON_PARAM_INPUTS:])
-        leaves = iter(params)
-        slots = [[(m, n, next(leaves).detach().requires_grad_(next(needs))) for m, n in names]
-                 for names in ctx.layout]
-        with bound_parameters([s for step_slots in slots for s in step_slots]), _autocast(ctx.autocast):
-            result = level_backward(steps, y, grad_y, grad_logdet, ctx.backend, x0=x0, chunk=options.chunk,
-                                    slots=slots)
-            if options.monitor is not None:
-                options.monitor.record(options.level, result.error)
-            tol = options.tolerance(x0.dtype)
-            error = None if tol is None else result.error.item()  # the one host sync of the backward
-            if error is not None and not error <= tol:
-                _report_fallback(options, error, tol)
-                result = replay_level_backward(steps, x0, grad_y, grad_logdet, ctx.backend, options.chunk, slots)
-        grads = [g for step_grads in result.param_grads for g in step_grads]
-        return (result.grad_x if ctx.needs_input_grad[0] else None, None, None, None, None, *grads)
+        with torch.no_grad():  # the backward op has no autograd formula of its own
+            grads = _level_grads(ctx, grad_y, grad_logdet)
+        return grads[0], None, *grads[1:]
 
 
-def _report_fallback(options: ReversibleOptions, error: float, tol: float) -> None:
-    if options.monitor is not None:
-        options.monitor.fallbacks += 1
-    warnings.warn(f"reversible backward of level {options.level}: the rebuilt input's relative error {error:.3g} "
+def _vmap_by_loop(op):
+    """A vmap rule that runs ``op`` once per index of the vmapped dimension and stacks the results (the
+    levels' ops are per-sample along their own batch dimension; vmap adds an outer one)."""
+    def pick(arg, dim, i):
+        if isinstance(arg, (list, tuple)):
+            dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(arg)
+            return [pick(a, d, i) for a, d in zip(arg, dims)]
+        return arg if dim is None else arg.select(dim, i)
+
+    def rule(info, in_dims, *args):
+        results = [op(*(pick(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        stacked = type(results[0])(torch.stack(parts) for parts in zip(*results))
+        return stacked, type(results[0])([0] * len(stacked))
+    return rule
+
+
+reversible_level.register_fake(fake_or_meta(_level_forward, _level_shapes))
+reversible_level_grad.register_fake(fake_or_meta(_level_backward, _level_grad_shapes))
+reversible_level.register_autograd(_level_backprop, setup_context=_level_setup)
+reversible_level.register_vmap(_vmap_by_loop(reversible_level))
+reversible_level_grad.register_vmap(_vmap_by_loop(reversible_level_grad))
+def _report_fallback(handle: LevelHandle, error: float, tol: float) -> None:
+    if handle.monitor is not None:
+        handle.monitor.fallbacks += 1
+    warnings.warn(f"reversible backward of level {handle.level}: the rebuilt input's relative error {error:.3g} "
                   f"exceeds reversible_tol={tol:.3g}; that level's gradients were recomputed exactly from "
                   "its stored input (the model may be ill-conditioned: coupling scales near 0)", RuntimeWarning,
                   stacklevel=2)
@@ -201,9 +350,9 @@ def _check_arguments(steps, x, backend) -> None:
         raise ValueError("reversible_steps needs at least one step")
     if not all(isinstance(step, nn.Module) for step in steps):
         raise TypeError("every step must be an nn.Module (its parameters are the Function's inputs)")
-    if not all(callable(getattr(backend, name, None)) for name in _BACKEND_PRIMITIVES):
-        raise TypeError(f"backend must have the callables {', '.join(_BACKEND_PRIMITIVES)} "
-                        "(see fastglow.backends)")
+    if not all(callable(getattr(backend, name, None)) for name in BACKEND_PRIMITIVES):
+        raise TypeError(f"backend must have the callables {', '.join(BACKEND_PRIMITIVES)} "
+                        "(fastglow.backends.base.Backend)")
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
         raise TypeError("x must be a floating tensor with a leading batch dimension")
 

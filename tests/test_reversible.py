@@ -41,15 +41,20 @@ def _gradients(model, x, x_requires_grad=True):
     return outputs, xi.grad, {name: p.grad for name, p in model.named_parameters()}
 
 
+def _is_level_node(node) -> bool:
+    """The autograd node of the fastglow::reversible_level op."""
+    return "fastglow_reversible_level" in type(node).__name__
+
+
 def _uses_reversible_function(outputs):
-    """True when the level outputs' autograd nodes include ReversibleSteps (the graph reaches it)."""
+    """True when the level outputs' autograd nodes include the reversible level op (the graph reaches it)."""
     seen, stack = set(), [outputs[0].grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if "ReversibleSteps" in type(node).__name__:
+        if _is_level_node(node):
             return True
         stack.extend(n for n, _ in node.next_functions)
     return False
@@ -203,10 +208,10 @@ def test_saved_tensors_flat_in_depth_and_level_output_costs_nothing():
         plain, rev, x = _pair(n_flow=n_flow, dtype=torch.float32, size=32)
         model = rev if reversible else plain
         param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = []  # (storage, nbytes, saved by ReversibleSteps as its output)
+        saved = []  # (storage, nbytes, saved by the reversible level op as its output)
 
         def pack(t):
-            by_level = type(t.grad_fn).__name__ == "ReversibleStepsBackward"
+            by_level = _is_level_node(t.grad_fn)
             saved.append((t.untyped_storage().data_ptr(), t.untyped_storage().nbytes(), by_level))
             return t
 

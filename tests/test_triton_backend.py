@@ -1,4 +1,4 @@
-"""The Triton backend end to end: autograd Functions gradchecked in float64, and the whole model
+"""The Triton backend end to end: the kernels' ops gradchecked in float64, and the whole model
 against the eager backend and the reference at perturbed weights (CPU: through the interpreter)."""
 
 from functools import partial
@@ -7,20 +7,21 @@ import pytest
 import torch
 
 import fastglow
-from fastglow import ops, reference
+from fastglow import reference
 from fastglow.backends import EagerSteps, TritonSteps, select_backend
-from fastglow.kernels.channel_mix import ChannelMixFunction
-from fastglow.kernels.coupling import CouplingFunction, CouplingMixFunction
-from fastglow.kernels.lu_weight import LUWeightFunction, perm_from_matrix
-from fastglow.kernels.squeeze import SqueezeFunction
+from fastglow.kernels.channel_mix import channel_mix
+from fastglow.kernels.coupling import coupling, coupling_mix
+from fastglow.kernels.lu_weight import lu_weight, perm_from_matrix
+from fastglow.kernels.squeeze import squeeze
+from fastglow.level_backward import level_backward
 from fastglow.testing import initialized_model, models_on_one_state, perturb_, rel_error
 
 
 def test_squeeze_function_gradcheck():
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: SqueezeFunction.apply(v, False), (x,))
+    assert torch.autograd.gradcheck(lambda v: squeeze(v, False), (x,))
     y = torch.randn(1, 8, 2, 3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: SqueezeFunction.apply(v, True), (y,))
+    assert torch.autograd.gradcheck(lambda v: squeeze(v, True), (y,))
 
 
 @pytest.mark.parametrize("c,steps", [(2, 2), (5, 1)])
@@ -30,8 +31,8 @@ def test_lu_weight_function_gradcheck(c, steps):
     perm = perm_from_matrix(torch.stack([m.w_p for m in convs]))
     s_sign = torch.stack([m.s_sign for m in convs])
     params = [torch.stack([getattr(m, n) for m in convs]).detach().requires_grad_() for n in ("w_l", "w_u", "w_s")]
-    assert torch.autograd.gradcheck(lambda l, u, s: LUWeightFunction.apply(perm, l, u, s, s_sign), params)
-    w, w_inv, logdet = LUWeightFunction.apply(perm, *params, s_sign)
+    assert torch.autograd.gradcheck(lambda l, u, s: lu_weight(perm, l, u, s, s_sign), params)
+    w, w_inv, logdet = lu_weight(perm, *params, s_sign)
     for k, m in enumerate(convs):
         torch.testing.assert_close(w[k], m.calc_weight(), rtol=1e-12, atol=1e-12)
 
@@ -41,7 +42,7 @@ def test_channel_mix_function_gradcheck():
     x = torch.randn(2, 6, 2, 3, dtype=torch.float64, requires_grad=True)
     a = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
     c = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ChannelMixFunction.apply, (x, a, c))
+    assert torch.autograd.gradcheck(channel_mix, (x, a, c))
 
 
 def _coupling_operands(affine, c=6, seed=0):
@@ -56,7 +57,7 @@ def _coupling_operands(affine, c=6, seed=0):
 @pytest.mark.parametrize("affine", [True, False])
 def test_coupling_function_gradcheck(affine):
     y, h_raw, zscale = _coupling_operands(affine)
-    assert torch.autograd.gradcheck(lambda *a: CouplingFunction.apply(*a, affine), (y, h_raw, zscale))
+    assert torch.autograd.gradcheck(lambda *a: coupling(*a, affine), (y, h_raw, zscale))
 
 
 def _models(affine, conv_lu, dtype, reversible=False):
@@ -119,7 +120,7 @@ def test_coupling_mix_function_gradcheck(affine):
     y, h_raw, zscale = _coupling_operands(affine, c, seed=1)
     a = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: CouplingMixFunction.apply(*t, affine, True), (y, h_raw, zscale, a, bias))
+    assert torch.autograd.gradcheck(lambda *t: coupling_mix(*t, affine, True), (y, h_raw, zscale, a, bias))
 
 
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])
@@ -150,7 +151,8 @@ def test_level_backward_from_output_matches_autograd(affine, conv_lu, dtype, tol
     grad_y, grad_logdet = torch.randn_like(y), torch.randn(2, dtype=dtype)
     expected = torch.autograd.grad([y, logdet], [x, *flows.parameters()], [grad_y, grad_logdet])
     for x0 in (None, x.detach()):  # the first step's input rebuilt, or the stored level input
-        grad_x, per_flow = ops.level_backward_from_output(flows, y.detach(), grad_y, grad_logdet, x0)
+        result = level_backward(list(flows), y.detach(), grad_y, grad_logdet, TritonSteps(), x0=x0)
+        grad_x, per_flow = result.grad_x, result.param_grads
         assert rel_error(grad_x, expected[0]) <= tol
         for got, want in zip([g for grads in per_flow for g in grads], expected[1:]):
             assert rel_error(got, want) <= 10 * tol

@@ -66,7 +66,7 @@ def level_launches(backend: str, n_flow: int = 4, affine: bool = True, device: s
     step's ``permutation`` ("conv", "shuffle", "reverse")."""
     import fastglow
     from fastglow.backends import select_backend
-    from fastglow.ops import coupling_net_raw
+    from fastglow.backends.triton import coupling_net_raw
     from fastglow.testing import initialized_model
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8, device=device) - 0.5

@@ -1,5 +1,5 @@
 """The folded ActNorm + 1x1 conv as a per-pixel channel mix, out = mix_weight @ x + mix_bias: forward (the
-fused kernel of :mod:`.flow_step` without a coupling), backward kernels, launchers and the autograd Function.
+fused kernel of :mod:`.flow_step` without a coupling), backward kernels, launchers and the ``fastglow::`` ops.
 
 Backward (optionally rebuilding x = mix_weight_inv @ out + mix_bias_inv first, for reversible backprop):
     grad_x = mix_weight^T grad_out                                       (_channel_mix_bwd_kernel)
@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .flow_step import check_mix, check_tensor, dot_precision, launch_forward
+from .flow_step import launch_forward
 from .tiling import grid_tile, mix_tiles, weight_grad_tiles
+from .utils import check_mix, check_tensor, dot_precision, fake_or_meta, register_autograd
 
 
 @triton.jit
@@ -153,21 +153,65 @@ def channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv=None, mix_bias_in
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd Function
+# op registration: fastglow::channel_mix and its backwards (opaque to the compiler)
 # ----------------------------------------------------------------------------------------------
-class ChannelMixFunction(torch.autograd.Function):
+@torch.library.custom_op("fastglow::channel_mix", mutates_args=())
+def channel_mix(x: torch.Tensor, mix_weight: torch.Tensor, mix_bias: torch.Tensor | None = None,
+                input_precision: str = "ieee") -> torch.Tensor:
     """out = mix_weight @ x + mix_bias per pixel (ActNorm + 1x1 conv folded), "ieee" (exact) or "tf32x3"."""
+    return channel_mix_forward(x, mix_weight, mix_bias, input_precision)
 
-    @staticmethod
-    def forward(ctx, x, mix_weight, mix_bias, input_precision: str = "ieee"):
-        ctx.save_for_backward(x, mix_weight)
-        ctx.input_precision = input_precision
-        return channel_mix_forward(x, mix_weight, mix_bias, input_precision)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        x, mix_weight = ctx.saved_tensors
-        _, grad_x, grad_w, grad_b = channel_mix_backward(None, grad_out, mix_weight, x=x,
-                                                         input_precision=ctx.input_precision)
-        return grad_x, grad_w, grad_b, None
+@torch.library.custom_op("fastglow::channel_mix_backward", mutates_args=())
+def channel_mix_grad(grad_y: torch.Tensor, mix_weight: torch.Tensor, x: torch.Tensor,
+                     input_precision: str = "ieee") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_mix_weight, grad_mix_bias) of :func:`channel_mix` at its input x."""
+    return _channel_mix_grad(grad_y, mix_weight, x, input_precision)
+
+
+def _channel_mix_grad(grad_y, mix_weight, x, input_precision="ieee"):
+    return channel_mix_backward(None, grad_y, mix_weight, x=x, input_precision=input_precision)[1:]
+
+
+@torch.library.custom_op("fastglow::channel_mix_rebuild_backward", mutates_args=())
+def channel_mix_rebuild_grad(y: torch.Tensor, grad_y: torch.Tensor, mix_weight: torch.Tensor,
+                             mix_weight_inv: torch.Tensor, mix_bias_inv: torch.Tensor, input_precision: str = "ieee"
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, grad_x, grad_mix_weight, grad_mix_bias): the mix input rebuilt from its output, x = mix_weight_inv @ y
+    + mix_bias_inv, and the mix's vector-Jacobian product there (reversible backprop)."""
+    return _channel_mix_rebuild_grad(y, grad_y, mix_weight, mix_weight_inv, mix_bias_inv, input_precision)
+
+
+def _channel_mix_rebuild_grad(y, grad_y, mix_weight, mix_weight_inv, mix_bias_inv, input_precision="ieee"):
+    return channel_mix_backward(y, grad_y, mix_weight, mix_weight_inv, mix_bias_inv, input_precision=input_precision)
+
+
+def _mix_shape(x, mix_weight, *_):
+    return x.new_empty((x.shape[0], mix_weight.shape[0], *x.shape[2:]))
+
+
+def _grad_shapes(grad_y, mix_weight, x, *_):
+    return torch.empty_like(x), torch.empty_like(mix_weight), mix_weight.new_empty(mix_weight.shape[:1])
+
+
+def _rebuild_grad_shapes(y, grad_y, mix_weight, *_):
+    x = y.new_empty((y.shape[0], mix_weight.shape[1], *y.shape[2:]))
+    return x, torch.empty_like(x), torch.empty_like(mix_weight), mix_weight.new_empty(mix_weight.shape[:1])
+
+
+def _mix_setup(ctx, inputs, output):
+    x, mix_weight, mix_bias, ctx.input_precision = inputs
+    ctx.has_bias = mix_bias is not None
+    ctx.save_for_backward(x, mix_weight)
+
+
+def _mix_grad(ctx, grad_out):
+    x, mix_weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = channel_mix_grad(grad_out.contiguous(), mix_weight, x, ctx.input_precision)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+
+
+channel_mix.register_fake(fake_or_meta(channel_mix_forward, _mix_shape))
+channel_mix_grad.register_fake(fake_or_meta(_channel_mix_grad, _grad_shapes))
+channel_mix_rebuild_grad.register_fake(fake_or_meta(_channel_mix_rebuild_grad, _rebuild_grad_shapes))
+register_autograd(channel_mix, _mix_grad, _mix_setup)

@@ -1,6 +1,6 @@
 """The coupling combine of a flow step: backward kernel (rebuilding the coupling input from its output),
-launcher, and the autograd Functions of the coupling alone and of the coupling fused with the next step's
-channel mix (the forward kernel is :mod:`.flow_step`'s).
+launcher, and the ``fastglow::`` ops of the coupling alone, of the coupling fused with the next step's channel
+mix, of a step's inverse, and of the coupling's backward (the forward kernel is :mod:`.flow_step`'s).
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .channel_mix import channel_mix_backward
-from .flow_step import check_coupling, check_tensor, coupling_mix_forward, sigmoid_parts
+from .channel_mix import channel_mix_grad
+from .flow_step import coupling_mix_forward, sigmoid_parts
 from .tiling import elementwise_tiles, grid_tile
+from .utils import check_coupling, check_tensor, call, fake_or_meta, register_autograd
 
 
 @triton.jit
@@ -104,50 +104,115 @@ def coupling_backward(out, grad_out, h_raw, zscale, grad_logdet=None, *, affine:
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd Functions
+# op registration: fastglow::coupling, ::coupling_mix, ::coupling_mix_inverse, ::coupling_backward (opaque to
+# the compiler: the launchers pick their tiles from concrete shapes)
 # ----------------------------------------------------------------------------------------------
-class CouplingFunction(torch.autograd.Function):
-    """out = cat(y_a, combine(y_b, h_raw * exp(3 zscale))), logdet [B]; backward recomputes y from out."""
-
-    @staticmethod
-    def forward(ctx, y, h_raw, zscale, affine: bool):
-        _, out, logdet = coupling_mix_forward(y, h_raw, zscale, affine=affine)
-        ctx.affine = affine
-        ctx.save_for_backward(out, h_raw, zscale)
-        return out, logdet
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, grad_logdet):
-        out, h_raw, zscale = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        _, grad_y, grad_h, grad_zs = coupling_backward(out, grad_out, h_raw, zscale, grad_logdet, affine=ctx.affine)
-        return grad_y, grad_h, grad_zs, None
+@torch.library.custom_op("fastglow::coupling", mutates_args=())
+def coupling(y: torch.Tensor, h_raw: torch.Tensor, zscale: torch.Tensor, affine: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """out = cat(y_a, combine(y_b, h_raw * exp(3 zscale))), logdet [B]; backward rebuilds y from out."""
+    return _coupling(y, h_raw, zscale, affine)
 
 
-class CouplingMixFunction(torch.autograd.Function):
-    """Coupling of step k fused with the ActNorm + 1x1 mix of step k+1 in one pass:
-    out = mix_weight @ cat(y_a, combine(y_b, h)) + mix_bias, logdet [B]. The coupled tensor is written only
-    when a gradient will need it."""
+def _coupling(y, h_raw, zscale, affine):
+    _, out, logdet = coupling_mix_forward(y, h_raw, zscale, affine=affine)
+    return out, logdet
 
-    @staticmethod
-    def forward(ctx, y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool, input_precision: str = "ieee"):
-        mixed, coupled, logdet = coupling_mix_forward(y, h_raw, zscale, mix_weight, mix_bias, affine=affine,
-                                                      store_coupled=store, input_precision=input_precision)
-        ctx.affine, ctx.input_precision = affine, input_precision
-        if store:
-            ctx.save_for_backward(coupled, h_raw, zscale, mix_weight)
-        return mixed, logdet
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_mixed, grad_logdet):
-        coupled, h_raw, zscale, mix_weight = ctx.saved_tensors
-        if grad_mixed is None:
-            grad_mixed = torch.zeros_like(coupled)
-        _, grad_coupled, grad_w, grad_b = channel_mix_backward(None, grad_mixed, mix_weight, x=coupled,
-                                                               input_precision=ctx.input_precision)
-        _, grad_y, grad_h, grad_zs = coupling_backward(coupled, grad_coupled, h_raw, zscale, grad_logdet,
-                                                       affine=ctx.affine)
-        return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None, None
+@torch.library.custom_op("fastglow::coupling_mix", mutates_args=())
+def coupling_mix_op(y: torch.Tensor, h_raw: torch.Tensor, zscale: torch.Tensor, mix_weight: torch.Tensor,
+                    mix_bias: torch.Tensor, affine: bool, store: bool, input_precision: str = "ieee"
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coupling of step k fused with the ActNorm + 1x1 mix of step k+1 in one pass: (mixed = mix_weight @
+    cat(y_a, combine(y_b, h)) + mix_bias, logdet [B], coupled); ``store``: the coupled tensor (what the
+    gradient needs) is written, else an empty tensor stands for it."""
+    return _coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine, store, input_precision)
+
+
+def _coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine, store, input_precision="ieee"):
+    mixed, coupled, logdet = coupling_mix_forward(y, h_raw, zscale, mix_weight, mix_bias, affine=affine,
+                                                  store_coupled=store, input_precision=input_precision)
+    return mixed, logdet, coupled if store else y.new_empty(0)
+
+
+def coupling_mix(y, h_raw, zscale, mix_weight, mix_bias, affine: bool, store: bool, input_precision: str = "ieee"):
+    """:func:`coupling_mix_op` without its coupled tensor: (mixed, logdet [B])."""
+    mixed, logdet, _ = call(coupling_mix_op, y, h_raw, zscale, mix_weight, mix_bias, affine, store, input_precision)
+    return mixed, logdet
+
+
+@torch.library.custom_op("fastglow::coupling_mix_inverse", mutates_args=())
+def coupling_mix_inverse(out: torch.Tensor, h_raw: torch.Tensor, zscale: torch.Tensor,
+                         mix_weight_inv: torch.Tensor, mix_bias_inv: torch.Tensor, affine: bool,
+                         input_precision: str = "ieee") -> torch.Tensor:
+    """One step inverted: mix_weight_inv @ cat(out_a, uncombine(out_b, h)) + mix_bias_inv. Not differentiable
+    (a level's inverse runs the reference modules while autograd records)."""
+    return _coupling_mix_inverse(out, h_raw, zscale, mix_weight_inv, mix_bias_inv, affine, input_precision)
+
+
+def _coupling_mix_inverse(out, h_raw, zscale, mix_weight_inv, mix_bias_inv, affine, input_precision="ieee"):
+    return coupling_mix_forward(out, h_raw, zscale, mix_weight_inv, mix_bias_inv, affine=affine, inverse=True,
+                                input_precision=input_precision)[0]
+
+
+@torch.library.custom_op("fastglow::coupling_backward", mutates_args=())
+def coupling_grad(out: torch.Tensor, grad_out: torch.Tensor, h_raw: torch.Tensor, zscale: torch.Tensor,
+                  grad_logdet: torch.Tensor | None, affine: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, grad_y, grad_h_raw, grad_zscale) of the coupling from its output (:func:`coupling_backward`)."""
+    return _coupling_grad(out, grad_out, h_raw, zscale, grad_logdet, affine)
+
+
+def _coupling_grad(out, grad_out, h_raw, zscale, grad_logdet, affine):
+    return coupling_backward(out, grad_out, h_raw, zscale, grad_logdet, affine=affine)
+
+
+def _coupling_shapes(y, *_):
+    return torch.empty_like(y), y.new_empty(y.shape[:1])
+
+
+def _coupling_mix_shapes(y, h_raw, zscale, mix_weight, mix_bias, affine, store, *_):
+    mixed = y.new_empty((y.shape[0], mix_weight.shape[0], *y.shape[2:]))
+    return mixed, y.new_empty(y.shape[:1]), torch.empty_like(y) if store else y.new_empty(0)
+
+
+def _inverse_shape(out, h_raw, zscale, mix_weight_inv, *_):
+    return out.new_empty((out.shape[0], mix_weight_inv.shape[0], *out.shape[2:]))
+
+
+def _coupling_grad_shapes(out, grad_out, h_raw, zscale, *_):
+    return torch.empty_like(out), torch.empty_like(out), torch.empty_like(h_raw), torch.empty_like(zscale)
+
+
+def _coupling_setup(ctx, inputs, output):
+    ctx.affine = inputs[3]
+    ctx.save_for_backward(output[0], inputs[1], inputs[2])
+
+
+def _coupling_backprop(ctx, grad_out, grad_logdet):
+    out, h_raw, zscale = ctx.saved_tensors
+    _, grad_y, grad_h, grad_zs = coupling_grad(out, grad_out.contiguous(), h_raw, zscale, grad_logdet, ctx.affine)
+    return grad_y, grad_h, grad_zs, None
+
+
+def _coupling_mix_setup(ctx, inputs, output):
+    ctx.affine, ctx.store, ctx.input_precision = inputs[5:8] if len(inputs) > 7 else (*inputs[5:7], "ieee")
+    ctx.mark_non_differentiable(output[2])
+    ctx.save_for_backward(output[2], inputs[1], inputs[2], inputs[3])
+
+
+def _coupling_mix_backprop(ctx, grad_mixed, grad_logdet, _grad_coupled):
+    if not ctx.store:
+        raise RuntimeError("fastglow::coupling_mix ran with store=False: its coupled tensor was not kept")
+    coupled, h_raw, zscale, mix_weight = ctx.saved_tensors
+    grad_coupled, grad_w, grad_b = channel_mix_grad(grad_mixed.contiguous(), mix_weight, coupled, ctx.input_precision)
+    _, grad_y, grad_h, grad_zs = coupling_grad(coupled, grad_coupled, h_raw, zscale, grad_logdet, ctx.affine)
+    return grad_y, grad_h, grad_zs, grad_w, grad_b, None, None, None
+
+
+coupling.register_fake(fake_or_meta(_coupling, _coupling_shapes))
+coupling_mix_op.register_fake(fake_or_meta(_coupling_mix, _coupling_mix_shapes))
+coupling_mix_inverse.register_fake(fake_or_meta(_coupling_mix_inverse, _inverse_shape))
+coupling_grad.register_fake(fake_or_meta(_coupling_grad, _coupling_grad_shapes))
+register_autograd(coupling, _coupling_backprop, _coupling_setup)
+register_autograd(coupling_mix_op, _coupling_mix_backprop, _coupling_mix_setup)

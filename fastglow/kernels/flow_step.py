@@ -1,6 +1,6 @@
 """The fused forward kernel of a Glow flow step, shared by :mod:`.channel_mix` and :mod:`.coupling`:
 coupling combine / uncombine of one step fused with the folded ActNorm + 1x1 conv (a per-pixel channel mix) of
-the next, plus the host helpers (checks) the flow-step kernels share.
+the next, and its host launcher (the checks it shares with the other kernels are :mod:`.utils`'s).
 
 Tensors are NCHW contiguous and seen as (B, C, P), P = H*W. A program owns a block of output channels and a
 block of pixels of one sample and walks the input channels in chunks (coupling, then a small matmul per
@@ -26,10 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..checks import MIX_PRECISIONS
 from .tiling import elementwise_tiles, grid_tile, mix_tiles
-
-DTYPES = (torch.float32, torch.float64)
+from .utils import check_coupling, check_mix, check_tensor, dot_precision
 
 
 
@@ -127,53 +125,6 @@ def _flow_step_fwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Host helpers and launcher
 # ----------------------------------------------------------------------------------------------
-def dot_precision(input_precision: str, dtype: torch.dtype) -> str:
-    """The ``tl.dot`` input precision of the mix: one of MIX_PRECISIONS; float64 runs "ieee" whatever is asked."""
-    if input_precision not in MIX_PRECISIONS:
-        raise ValueError(f"input_precision must be one of {MIX_PRECISIONS}, got {input_precision!r}")
-    return input_precision if dtype == torch.float32 else "ieee"
-
-
-def check_tensor(name, t, dtype=None, device=None, dim=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in DTYPES:
-        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}")
-    if dtype is not None and t.dtype != dtype:
-        raise TypeError(f"{name} has dtype {t.dtype}, expected {dtype} like the activation")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-    if dim is not None and t.dim() != dim:
-        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
-    return t.contiguous()
-
-
-def check_mix(mix_weight, mix_bias, c_in, x):
-    mix_weight = check_tensor("mix_weight", mix_weight, x.dtype, x.device, 2)
-    if mix_weight.shape[1] != c_in:
-        raise ValueError(f"mix_weight must have shape (C_out, {c_in}), got {tuple(mix_weight.shape)}")
-    if mix_bias is None:
-        return mix_weight, mix_weight.new_zeros(mix_weight.shape[0])
-    mix_bias = check_tensor("mix_bias", mix_bias, x.dtype, x.device).reshape(-1)
-    if mix_bias.numel() != mix_weight.shape[0]:
-        raise ValueError(f"mix_bias must have {mix_weight.shape[0]} elements, got {mix_bias.numel()}")
-    return mix_weight, mix_bias
-
-
-def check_coupling(y, h_raw, zscale, affine):
-    b, c, hh, ww = y.shape
-    if c % 2:
-        raise ValueError(f"coupling needs an even channel count, got C={c}")
-    c_h = c if affine else c // 2
-    h_raw = check_tensor("h_raw", h_raw, y.dtype, y.device, 4)
-    if tuple(h_raw.shape) != (b, c_h, hh, ww):
-        raise ValueError(f"h_raw must have shape {(b, c_h, hh, ww)} (affine={affine}), got {tuple(h_raw.shape)}")
-    zscale = check_tensor("zscale", zscale, y.dtype, y.device)
-    if zscale.numel() != c_h:
-        raise ValueError(f"zscale must have {c_h} elements (affine={affine}), got {zscale.numel()}")
-    return h_raw, zscale.reshape(-1)
-
-
 def launch_forward(x, h_raw, zscale, mix_weight, mix_bias, *, coupling, inverse, affine, store_coupled,
                    input_precision="ieee"):
     """Launch :func:`_flow_step_fwd_kernel` on checked operands: -> (mixed, coupled, logdet [B] or None)."""

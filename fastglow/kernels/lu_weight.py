@@ -15,13 +15,13 @@ Kernels work on (CP x BN) register tiles, CP = next_power_of_2(C), with masks fo
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
 from .tiling import lu_tiles
+from .utils import fake_or_meta, register_autograd
 
-__all__ = ["perm_from_matrix", "lu_weight_forward", "lu_weight_backward", "LUWeightFunction"]
+__all__ = ["perm_from_matrix", "lu_weight_forward", "lu_weight_backward", "lu_weight", "lu_weight_grad"]
 
 
 @triton.jit
@@ -261,21 +261,45 @@ def lu_weight_backward(perm, w_l, w_u, w_s, s_sign, W_inv, grad_W, grad_W_inv=No
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd Function
+# op registration: fastglow::lu_weight and its backward (opaque to the compiler)
 # ----------------------------------------------------------------------------------------------
-class LUWeightFunction(torch.autograd.Function):
+@torch.library.custom_op("fastglow::lu_weight", mutates_args=())
+def lu_weight(perm: torch.Tensor, w_l: torch.Tensor, w_u: torch.Tensor, w_s: torch.Tensor,
+              s_sign: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """S stacked LU-parameterised weights at once: (W, W^-1, log|det W|), one launch each way."""
+    return _lu_weight(perm, w_l, w_u, w_s, s_sign)
 
-    @staticmethod
-    def forward(ctx, perm, w_l, w_u, w_s, s_sign):
-        w, w_inv, logdet = lu_weight_forward(perm, w_l, w_u, w_s, s_sign, inverse=True)
-        ctx.save_for_backward(perm, w_l, w_u, w_s, s_sign, w_inv)
-        ctx.set_materialize_grads(False)  # an unused W^-1 costs the backward kernel nothing
-        return w, w_inv, logdet
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_w, grad_w_inv, grad_logdet):
-        perm, w_l, w_u, w_s, s_sign, w_inv = ctx.saved_tensors
-        g_l, g_u, g_s = lu_weight_backward(perm, w_l, w_u, w_s, s_sign, w_inv, grad_w, grad_w_inv, grad_logdet)
-        return None, g_l, g_u, g_s, None
+def _lu_weight(perm, w_l, w_u, w_s, s_sign):
+    return lu_weight_forward(perm, w_l, w_u, w_s, s_sign, inverse=True)
+
+
+def _lu_weight_shapes(perm, w_l, w_u, w_s, s_sign):
+    return torch.empty_like(w_l), torch.empty_like(w_l), w_l.new_empty(w_l.shape[:1])
+
+
+@torch.library.custom_op("fastglow::lu_weight_backward", mutates_args=())
+def lu_weight_grad(perm: torch.Tensor, w_l: torch.Tensor, w_u: torch.Tensor, w_s: torch.Tensor,
+                   s_sign: torch.Tensor, w_inv: torch.Tensor, grad_w: torch.Tensor | None,
+                   grad_w_inv: torch.Tensor | None, grad_logdet: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_w_l, grad_w_u, grad_w_s) of :func:`lu_weight` (:func:`lu_weight_backward`)."""
+    return lu_weight_backward(perm, w_l, w_u, w_s, s_sign, w_inv, grad_w, grad_w_inv, grad_logdet)
+
+
+def _lu_weight_grad_shapes(perm, w_l, w_u, w_s, *_):
+    return torch.empty_like(w_l), torch.empty_like(w_l), torch.empty_like(w_s)
+
+
+def _lu_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, output[1])
+
+
+def _lu_grad(ctx, grad_w, grad_w_inv, grad_logdet):
+    perm, w_l, w_u, w_s, s_sign, w_inv = ctx.saved_tensors
+    return (None, *lu_weight_grad(perm, w_l, w_u, w_s, s_sign, w_inv, grad_w, grad_w_inv, grad_logdet), None)
+
+
+lu_weight.register_fake(fake_or_meta(_lu_weight, _lu_weight_shapes))
+lu_weight_grad.register_fake(fake_or_meta(lu_weight_backward, _lu_weight_grad_shapes))
+register_autograd(lu_weight, _lu_grad, _lu_setup)

@@ -14,7 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["squeeze_forward", "squeeze_backward", "unsqueeze_forward", "unsqueeze_backward", "SqueezeFunction"]
+from .utils import fake_or_meta, register_autograd
+
+__all__ = ["squeeze_forward", "squeeze_backward", "unsqueeze_forward", "unsqueeze_backward", "squeeze"]
 
 _BLOCK = 1024
 
@@ -105,16 +107,30 @@ def unsqueeze_backward(grad_x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# autograd Function
+# op registration: fastglow::squeeze (opaque to the compiler; its gradient is the other direction)
 # ----------------------------------------------------------------------------------------------
-class SqueezeFunction(torch.autograd.Function):
-    """2x2 space-to-depth (or its inverse): a permutation, so each direction's gradient is the other."""
+@torch.library.custom_op("fastglow::squeeze", mutates_args=())
+def squeeze(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """2x2 space-to-depth of x (B, C, H, W) -> (B, 4C, H/2, W/2), or its inverse when ``inverse``."""
+    return _squeeze(x, inverse)
 
-    @staticmethod
-    def forward(ctx, x, inverse: bool):
-        ctx.inverse = inverse
-        return unsqueeze_forward(x) if inverse else squeeze_forward(x)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return (unsqueeze_backward(grad) if ctx.inverse else squeeze_backward(grad)), None
+def _squeeze(x, inverse):
+    return unsqueeze_forward(x) if inverse else squeeze_forward(x)
+
+
+def _squeeze_shape(x, inverse):
+    b, c, h, w = x.shape
+    return x.new_empty((b, c // 4, 2 * h, 2 * w) if inverse else (b, 4 * c, h // 2, w // 2))
+
+
+def _squeeze_setup(ctx, inputs, output):
+    ctx.inverse = inputs[1]
+
+
+def _squeeze_grad(ctx, grad):
+    return squeeze(grad.contiguous(), not ctx.inverse), None
+
+
+squeeze.register_fake(fake_or_meta(_squeeze, _squeeze_shape))
+register_autograd(squeeze, _squeeze_grad, _squeeze_setup)
