@@ -14,7 +14,7 @@ from fastglow.kernels.coupling import coupling, coupling_mix
 from fastglow.kernels.lu_weight import lu_weight, perm_from_matrix
 from fastglow.kernels.squeeze import squeeze
 from fastglow.level_backward import level_backward
-from fastglow.testing import initialized_model, models_on_one_state, perturb_, rel_error
+from fastglow.testing import models_on_one_state, perturb_, rel_error
 
 
 def test_squeeze_function_gradcheck():
