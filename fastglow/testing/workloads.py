@@ -108,7 +108,7 @@ def _construct(impl: str, shape: ModelShape, rosinality, options: dict) -> nn.Mo
     c, k, l, kw = shape.in_channel, shape.n_flow, shape.n_block, dict(affine=shape.affine, conv_lu=shape.conv_lu)
     if impl in ("fastglow-reversible", "fastglow-plain"):
         return fastglow.Glow(c, k, l, hidden_channels=shape.hidden, reversible=impl == "fastglow-reversible",
-                             **dict(dict(backend="triton"), **options), **kw)
+                             **{"backend": "triton", **options}, **kw)
     if impl in ("rosinality", "rosinality-checkpoint"):
         return load_glow_module(rosinality).Glow(c, k, l, **kw)  # width fixed at 512 there
     if impl in ("eager", "compiled", "compiled-per-flow", "checkpoint"):
