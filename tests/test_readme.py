@@ -53,6 +53,8 @@ def test_every_python_block_runs_in_order_at_tiny_sizes(tmp_path, monkeypatch):
         return full_size(**{**given, "n_flow": min(given["n_flow"], 2), "hidden_channels": 8})
 
     monkeypatch.setattr(fastglow, "Glow", tiny_glow)
+    real_compile = torch.compile  # the compile block through AOT autograd, without inductor's C++ build (minutes)
+    monkeypatch.setattr(torch, "compile", lambda fn=None, mode=None, **kw: real_compile(fn, backend="aot_eager"))
     monkeypatch.chdir(tmp_path)
     torch.save(fastglow.Glow(3, 32, 4).state_dict(), "rosinality_checkpoint.pt")  # the Use block's model
     namespace = {}
@@ -118,7 +120,8 @@ def test_the_layout_block_names_what_exists():
             continue
         name = line.split()[0]
         path = (parent if indent else ROOT) / name
-        assert path.exists(), f"README layout: {path.relative_to(ROOT)} does not exist"
+        matches = list((parent if indent else ROOT).glob(name)) if "*" in name else [path] * path.exists()
+        assert matches, f"README layout: {path.relative_to(ROOT)} does not exist"
         if not indent and name.endswith("/"):
             parent = path
         checked += 1

@@ -17,6 +17,8 @@ from fastglow.level_backward import level_backward
 from fastglow.testing import models_on_one_state, perturb_, rel_error
 
 
+pytestmark = pytest.mark.usefixtures("on_device")  # CUDA when there is one, else CPU (Triton: the interpreter)
+
 def test_squeeze_function_gradcheck():
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: squeeze(v, False), (x,))

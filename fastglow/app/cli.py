@@ -16,7 +16,7 @@ import torch
 
 from .. import __version__, z_shapes
 from ..permutation import PERMUTATIONS
-from . import flags
+from . import flags, missing_app_packages
 from .errors import InputError, TrainingError, one_line
 from .limits import DECODE_BATCH, check_grid
 from .prepare import add_prepare_command
@@ -377,6 +377,10 @@ def _morph(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_app_packages()
+    if missing:  # the library alone was installed
+        print(f"fastglow: the command line needs {', '.join(missing)}: pip install 'fastglow[app]'", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if args.command is None:
