@@ -33,8 +33,9 @@ test: $(BIN)/.installed
 # same CPU torch: the kernel and backend tests under its interpreter, and the sm_90 gate compiled by its compiler.
 GPU_STACK_VENV ?= .venv-gpustack
 GPU_STACK_BIN := $(GPU_STACK_VENV)/bin
-GPU_STACK_TESTS := tests/test_kernels_flow_step.py tests/test_kernels_lu_squeeze.py tests/test_triton_backend.py \
-	benchmarks/compile_gate/test_compile_gate.py
+GPU_STACK_TESTS := tests/test_kernels_flow_step.py tests/test_kernels_lu_squeeze.py tests/test_kernel_ops.py \
+	tests/test_triton_backend.py \
+	benchmarks/compile_gate/test_compile_gate.py benchmarks/compile_gate/test_launch_capture.py
 
 $(GPU_STACK_BIN)/.installed: pyproject.toml benchmarks/gpu_run/gpu_stack.txt
 	test -x $(GPU_STACK_BIN)/python || $(PYTHON) -m venv $(GPU_STACK_VENV)

@@ -2,6 +2,8 @@
 never a traceback, before any work; progress goes to log files as lines."""
 
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,3 +101,12 @@ def test_item10_default_cooldown_is_half_of_the_steps():
     long, explicit = TrainConfig(lr=1.0, steps=2000), TrainConfig(lr=1.0, steps=2000, cooldown=1000)
     assert all(loop.learning_rate(long, t) == loop.learning_rate(explicit, t) for t in range(1, 2001, 7))
     assert torch.tensor(lrs).min() > 0
+
+
+def test_the_command_line_without_its_extra_names_it_in_one_line():
+    """`pip install fastglow` alone (no [app]): the console script says what to install, before any work."""
+    code = ("import sys; sys.modules['sklearn'] = None; from fastglow.app.cli import main; "
+            "sys.exit(main(['train', '--data', 'digits']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "fastglow: the command line needs scikit-learn: pip install 'fastglow[app]'"], proc.stderr

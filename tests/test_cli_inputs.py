@@ -121,3 +121,43 @@ def test_item11_messages_name_the_problem(ckpt, tmp_path, monkeypatch, capsys):
     assert main(["sample", "--ckpt", str(ckpt), "--n", "2", "--out", str(tmp_path / "full.png")]) == 2
     err = capsys.readouterr().err.strip()
     assert "No space left on device" in err and "full.png" in err and len(err.splitlines()) == 1
+
+
+def test_item12_every_command_takes_threads_and_names_itself_in_usage_errors(ckpt, tmp_path):
+    run = run_cli("eval", "--ckpt", ckpt, "--threads", "1", "--batch", "64")
+    assert run.returncode == 0 and "test bits/dim" in run.stdout, run.stderr
+    run = run_cli("sample", "--ckpt", ckpt, "--threads", "1", "--n", "2", "--out", tmp_path / "s.png")
+    assert run.returncode == 0, run.stderr
+    for command, required in (("eval", []), ("sample", []), ("morph", ["--from", "3", "--to", "8"])):
+        run = run_cli(command, "--ckpt", ckpt, *required, "--bogus", "1")
+        err = assert_one_line_error(run, "--bogus")
+        assert err.startswith(f"fastglow {command}: error: unrecognized arguments"), err
+
+
+def test_item12_default_threads_leave_a_loaded_machine_alone(monkeypatch):
+    import os
+
+    import torch
+
+    from fastglow.app import flags
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(flags, "available_cpus", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.5, 6.0, 6.0))
+    assert flags.default_threads(steady=False) == 2  # 8 CPUs, 6 busy with other work
+    assert flags.default_threads(steady=True) == 8  # training: the same count on a resume, whatever the load
+    monkeypatch.setattr(os, "getloadavg", lambda: (40.0, 40.0, 40.0))
+    assert flags.default_threads(steady=False) == 1
+    monkeypatch.setattr(flags, "available_cpus", lambda: 2)
+    assert flags.default_threads(steady=True) == 2  # never more than the CPUs this process may use
+
+
+def test_item12_main_leaves_the_callers_thread_count_alone(ckpt, tmp_path):
+    import torch
+
+    from fastglow.app.cli import main
+
+    before = torch.get_num_threads()
+    assert main(["sample", "--ckpt", str(ckpt), "--n", "2", "--threads", "1", "--out", str(tmp_path / "s.png")]) == 0
+    assert torch.get_num_threads() == before

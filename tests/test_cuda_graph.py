@@ -1,6 +1,7 @@
 """fastglow.CudaGraphStep: on a CPU the step runs eagerly on its static buffers, so all but the capture itself
 is tested here (the same step, no host syncs, the warm-up undone); with CUDA the capture is tested too."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,7 @@ from fastglow.testing import HostSyncDetector, initialized_model, training_step
 
 def _model(seed=0, device="cpu", **kwargs):
     torch.manual_seed(seed)
+    np.random.seed(seed)  # the LU 1x1 convs draw from numpy's generator (as rosinality's do)
     x = torch.rand(2, 3, 8, 8, device=device) - 0.5
     kwargs = dict(dict(validate=False, reversible_tol=None), **kwargs)
     model = fastglow.Glow(3, 2, 2, hidden_channels=8, **kwargs).to(device)

@@ -58,9 +58,14 @@ def _cases():
 CASES = list(_cases())
 
 
+def _on(device, a):
+    """A CPU-built operand on the test's device (a leaf again, keeping requires_grad)."""
+    return a.detach().to(device).requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+
+
 @pytest.mark.parametrize("name,op,args", CASES, ids=[c[0] for c in CASES])
-def test_opcheck(name, op, args):
-    torch.library.opcheck(op, args)
+def test_opcheck(name, op, args, device):
+    torch.library.opcheck(op, tuple(_on(device, a) for a in args))
 
 
 def test_every_kernel_op_is_checked():

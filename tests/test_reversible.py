@@ -14,6 +14,8 @@ from fastglow.reversible import reversible_steps
 from fastglow.testing import (coupling_activity, initialized_model, measure_step_memory, models_on_one_state,
                               rel_error)
 
+pytestmark = pytest.mark.usefixtures("on_device")  # CUDA when there is one, else CPU (Triton: the interpreter)
+
 VARIANTS = list(itertools.product([True, False], [True, False]))  # (affine, conv_lu)
 
 
@@ -30,8 +32,8 @@ def _pair(affine=True, conv_lu=True, dtype=torch.float64, n_flow=16, n_block=3, 
 def _loss(outputs):
     """Involves log_p, logdet (scaled so they do not drown the rest) and every latent, with fixed weights."""
     log_p, logdet, z_outs = outputs
-    gen = torch.Generator().manual_seed(1)
-    weights = [torch.randn(z.shape, generator=gen, dtype=z.dtype) for z in z_outs]
+    gen = torch.Generator().manual_seed(1)  # the same weights on every device
+    weights = [torch.randn(z.shape, generator=gen, dtype=z.dtype, device="cpu").to(z.device) for z in z_outs]
     return -(log_p + logdet).mean() / 100 + sum((w * z).sum() for w, z in zip(weights, z_outs))
 
 
@@ -86,10 +88,12 @@ def test_coupling_rebuild_over_own_buffers_equals_the_fresh_one(affine):
     """``reuse=True`` writes y and grad_y over out and grad_out (the same numbers); ``reuse=False`` leaves
     them untouched."""
     gen = torch.Generator().manual_seed(0)
-    out, grad_out, h_raw = (torch.randn(2, 6, 5, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    draw = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64, device="cpu").to(  # noqa: E731
+        torch.get_default_device())
+    out, grad_out, h_raw = (draw(2, 6, 5, 3) for _ in range(3))
     h_raw = h_raw if affine else h_raw[:, :3]
-    net_out = (h_raw, 0.1 * torch.randn(h_raw.shape[1], generator=gen, dtype=torch.float64))
-    grad_logdet = torch.randn(2, generator=gen, dtype=torch.float64)
+    net_out = (h_raw, 0.1 * draw(h_raw.shape[1]))
+    grad_logdet = draw(2)
     out0, grad0 = out.clone(), grad_out.clone()
     y, grad_y, grad_net = EagerSteps.coupling_backward(out, grad_out, net_out, grad_logdet, affine)
     assert torch.equal(out, out0) and torch.equal(grad_out, grad0)
@@ -305,7 +309,8 @@ def test_functional_call_with_other_parameters_gives_their_gradients(backend):
     """Backward (inversion included) must use the parameters forward was called with, not the module's."""
     plain, rev, x = _tiny_pair(backend)
     gen = torch.Generator().manual_seed(3)
-    params = {n: (p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype)).detach().requires_grad_()
+    params = {n: (p + 0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype, device="cpu").to(p.device))
+              .detach().requires_grad_()
               for n, p in plain.named_parameters()}
     grads = []
     for model in (plain, rev):

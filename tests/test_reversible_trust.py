@@ -16,6 +16,8 @@ from fastglow.level_backward import level_backward, parameter_slots
 from fastglow.testing import level_tensor_mb, measure_step_memory, models_on_one_state, rel_error
 
 
+pytestmark = pytest.mark.usefixtures("on_device")  # CUDA when there is one, else CPU (Triton: the interpreter)
+
 def _models(backend, dtype=torch.float32, n_flow=4, n_block=2, batch=2, size=8, **options):
     """(plain autograd, reversible with ``options``) on one perturbed state, and x."""
     kwargs = dict(hidden_channels=8, backend=backend)
@@ -30,8 +32,8 @@ def _gradients(model, x):
     xi = x.clone().requires_grad_()
     log_p, logdet, z_outs = model(xi)
     gen = torch.Generator().manual_seed(1)
-    loss = -(log_p + logdet).mean() / 100 + sum((torch.randn(z.shape, generator=gen, dtype=z.dtype) * z).sum()
-                                                for z in z_outs)
+    loss = -(log_p + logdet).mean() / 100 + sum(
+        (torch.randn(z.shape, generator=gen, dtype=z.dtype, device="cpu").to(z.device) * z).sum() for z in z_outs)
     loss.backward()
     return [xi.grad] + [p.grad for p in model.parameters()]
 

@@ -102,6 +102,9 @@ def test_item3_eval_keeps_the_held_out_images_of_the_run_when_the_folder_changes
     warning = after.stderr.strip()
     assert len(warning.splitlines()) == 1 and "changed since training" in warning and "31 images" in warning
 
+    other = run_cli("sample", "--ckpt", ckpt, "--data", "digits", "--out", tmp_path / "s.png")  # item 2
+    assert_one_line_error(other, "32 levels", "the digits have 17")
+
     inside = run_cli("train", "--data", data, "--out", data / "runs", *FOLDER_FLAGS, "--steps", "2")
     assert_one_line_error(inside, "inside --data")
     assert not (data / "runs").exists()

@@ -14,8 +14,10 @@ from fastglow.kernels.coupling import coupling, coupling_mix
 from fastglow.kernels.lu_weight import lu_weight, perm_from_matrix
 from fastglow.kernels.squeeze import squeeze
 from fastglow.level_backward import level_backward
-from fastglow.testing import initialized_model, models_on_one_state, perturb_, rel_error
+from fastglow.testing import models_on_one_state, perturb_, rel_error
 
+
+pytestmark = pytest.mark.usefixtures("on_device")  # CUDA when there is one, else CPU (Triton: the interpreter)
 
 def test_squeeze_function_gradcheck():
     x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)

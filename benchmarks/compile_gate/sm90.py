@@ -1,10 +1,10 @@
 """Compile captured launch specialisations for a GPU target on a CPU machine and read the hardware cost.
 
-For each :class:`benchmarks.compile_gate.launch_capture.Spec` (as JSON): ``triton.compile`` for ``GPUTarget("cuda", arch,
-32)``, then ``ptxas -v`` (the ptxas Triton ships, same flags as Triton's own cubin step) for registers,
-spills and stack; shared memory is Triton's dynamic allocation plus any static one. Results are cached as
-JSON under ``.cache/compile_gate/`` keyed by a hash of the kernel's source (Triton's ``cache_key``, which
-covers the functions it calls), the specialisation, the target, and the Triton and ptxas versions.
+For each :class:`benchmarks.compile_gate.launch_capture.Spec` (as JSON): ``triton.compile`` for
+``GPUTarget("cuda", arch, 32)``, then ``ptxas -v`` (the ptxas Triton ships, same flags as Triton's own cubin
+step) for registers, spills and stack; shared memory is Triton's dynamic allocation plus any static one. Results
+are cached as JSON under ``.cache/compile_gate/`` keyed by a hash of the kernel's source (Triton's ``cache_key``,
+which covers the functions it calls), the specialisation, the target, and the Triton and ptxas versions.
 
 Must run without ``TRITON_INTERPRET`` (the interpreter has no compiler): the report and the CI test call
 ``python -m benchmarks.compile_gate.sm90 SPECS.json OUT.json`` in a subprocess with that variable removed.

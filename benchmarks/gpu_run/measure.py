@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import statistics
-import time
 import traceback
 
 import torch
@@ -46,7 +45,8 @@ SCALES = {
         kernel_shapes=((16, 12, 128, 128), (16, 24, 64, 64), (16, 48, 32, 32)),
         lu_level=(32, 48), limits_gb=(40.0, 80.0), batch_cap=1024,
         warmup=2, reps=8, seconds_per_impl=2.5, margin_s=8.0,
-        tests=("tests/test_kernels_flow_step.py", "tests/test_kernels_lu_squeeze.py", "tests/test_cuda_graph.py",
+        tests=("tests/test_kernels_flow_step.py", "tests/test_kernels_lu_squeeze.py", "tests/test_kernel_ops.py",
+               "tests/test_cuda_graph.py",
                "tests/test_gpu_options.py", "tests/test_triton_backend.py", "tests/test_reversible.py",
                "tests/test_reversible_trust.py", "tests/test_conditional.py", "tests/test_checks.py")),
     "cpu": Scale(
@@ -137,7 +137,4 @@ def time_kernel(fn, device: torch.device) -> float:
     if device.type == "cuda":
         from triton.testing import do_bench
         return float(do_bench(fn, warmup=10, rep=40, return_mode="median"))
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - t0)
+    return 1e3 * time_rounds({"kernel": fn}, 1, device=device, warmup=1)["kernel"]["wall_s"][0]

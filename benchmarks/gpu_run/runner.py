@@ -289,7 +289,7 @@ def _settle_scale(requested: str, env_record: dict) -> str:
     env_record["data"]["scale"] = scale
     if scale == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import fastglow.ops  # noqa: F401  (triton and the kernels)
+    import fastglow.backends.triton  # noqa: F401  (triton and the kernels)
     from benchmarks.gpu_run import phases as gpu_phases  # noqa: F401
     return scale
 

@@ -1,6 +1,6 @@
-"""Data loading at scale (issue 21), CPU: start-up and memory flat in the data set's size, loader throughput.
+"""Data loading at scale, CPU: start-up and memory flat in the data set's size, loader throughput.
 
-    python -m benchmarks.studies.data_loading startup    [--sizes 2000 20000] [--repeats 3] [--root /tmp/fastglow-data]
+    python -m benchmarks.studies.data_loading startup [--sizes 2000 20000] [--repeats 3] [--root /tmp/fastglow-data]
     python -m benchmarks.studies.data_loading throughput [--images 512] [--workers 2] [--batches 40]
 
 startup: for each size N, a folder of N generated 64x64 PNGs, the same prepared into an .npy

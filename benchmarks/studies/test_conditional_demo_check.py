@@ -10,14 +10,13 @@ from benchmarks.studies.conditional_demo_check import measure
 from fastglow.app import checkpoint as ckpt_io
 from fastglow.app.cli import main
 
-TINY_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "16", "--no-progress",
-              "--eval-every", "0"]
-
 
 @pytest.fixture(scope="module")
 def cond_run(tmp_path_factory):
+    """A 30-step class-conditional run on the digits (K=2, L=2, width 8, batch 16)."""
     out = tmp_path_factory.mktemp("cond")
-    assert main(["train", "--conditional", "--out", str(out), *TINY_FLAGS, "--steps", "30", "--lr", "5e-3"]) == 0
+    flags = "--n-flow 2 --n-block 2 --hidden 8 --batch 16 --no-progress --eval-every 0 --steps 30 --lr 5e-3"
+    assert main(["train", "--conditional", "--out", str(out), *flags.split()]) == 0
     return out
 
 

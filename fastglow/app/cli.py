@@ -16,7 +16,7 @@ import torch
 
 from .. import __version__, z_shapes
 from ..permutation import PERMUTATIONS
-from . import flags
+from . import flags, missing_app_packages
 from .errors import InputError, TrainingError, one_line
 from .limits import DECODE_BATCH, check_grid
 from .prepare import add_prepare_command
@@ -70,6 +70,9 @@ def _add_execution_flags(p):
     g = p.add_argument_group("execution")
     g.add_argument("--device", help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("--backend", choices=("auto", "eager", "triton"), help="auto: triton on CUDA, eager elsewhere")
+    g.add_argument("--threads", type=flags.threads,
+                   help="CPU threads for torch (default: train, torch's choice within the CPUs available, so "
+                        "that a resume computes alike; other commands, those CPUs less the machine's load)")
     return g
 
 
@@ -103,7 +106,6 @@ def _add_train_command(sub) -> None:
                    help="constant-memory backprop (the default)")
     g.add_argument("--no-reversible", dest="reversible", action="store_const", const=False,
                    help="plain autograd (faster on CPU at small sizes)")
-    g.add_argument("--threads", type=flags.threads, help="CPU threads for torch (default: torch's choice)")
     g.add_argument("--cuda-graph", dest="cuda_graph", action="store_const", const=True,
                    help="replay each step's forward and backward from a CUDA graph captured at the first step "
                         "(one process; the optimizer step, NaN skip and lr schedule stay outside)")
@@ -119,7 +121,8 @@ def _add_train_command(sub) -> None:
     o.add_argument("--max-bad-steps", type=flags.positive_int,
                    help=f"stop after this many consecutive non-finite losses (default {C.max_bad_steps})")
     r = t.add_argument_group("run")
-    r.add_argument("--out", type=flags.run_folder, help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
+    r.add_argument("--out", type=flags.run_folder,
+                   help=f"run folder: checkpoints/, samples/, metrics.jsonl (default {C.out})")
     start = r.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     start.add_argument("--new-run", action="store_true",
@@ -144,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = flags.OneLineParser(prog="fastglow", description="Fast, memory-frugal Glow for PyTorch.")
     parser.add_argument("--version", action="version", version=f"fastglow {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.commands = sub.choices  # command -> its parser
     _add_train_command(sub)
 
     s = sub.add_parser("sample", help="draw a grid of samples from a checkpoint")
@@ -177,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--ckpt", required=True, help="a fastglow checkpoint or a bare (rosinality) state_dict")
     i.add_argument("images", nargs=2, metavar="IMAGE", help="the two end points")
     i.add_argument("--steps", type=int, default=8, help="images in the strip, both ends included (default 8)")
-    i.add_argument("--out", type=flags.png_file, default="interpolation.png", help="PNG to write (default interpolation.png)")
+    i.add_argument("--out", type=flags.png_file, default="interpolation.png",
+                   help="PNG to write (default interpolation.png)")
     _add_image_output_flags(i)
     _add_shape_flags(i)
     _add_execution_flags(i)
@@ -219,7 +224,8 @@ def _train(args: argparse.Namespace) -> int:
     summary = train(options)
     if summary["rank"] == 0:
         print(f"step {summary['step']}: test bits/dim {summary['test_bpd']:.4f} "
-              f"({summary['elapsed_s']:.1f} s of training, {summary['skipped']} steps skipped)")
+              f"({summary['elapsed_s']:.1f} s of wall time, evaluations and sample grids included; "
+              f"{summary['skipped']} steps skipped)")
         if summary["test_accuracy"] is not None:
             print(f"held-out classification accuracy {summary['test_accuracy']:.4f}")
         print(f"samples: {summary['sample']}")
@@ -371,11 +377,21 @@ def _morph(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    missing = missing_app_packages()
+    if missing:  # the library alone was installed
+        print(f"fastglow: the command line needs {', '.join(missing)}: pip install 'fastglow[app]'", file=sys.stderr)
+        return 2
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if args.command is None:
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         parser.print_help()
         return 0
+    if unknown:  # named by the command's own parser: "fastglow eval: error: ..."
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    threads = torch.get_num_threads()  # restored at the end: main() may run inside a longer process
+    torch.set_num_threads(getattr(args, "threads", None) or flags.default_threads(args.command == "train"))
     try:
         return args.run(args)
     except InputError as err:
@@ -392,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         hint = {"train": " (continue with --resume)", "prepare": " (the same command resumes)"}
         print(f"fastglow {args.command}: interrupted{hint.get(args.command, '')}", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -60,7 +60,9 @@ def fingerprint(keys: list[str], train_set, test_set, n_bins: int) -> dict:
 
 def record(source: str, train_set, test_set, n_bins: int, test_fraction: float, split_seed: int) -> dict:
     """A checkpoint's ``dataset`` entry for a run's split of ``source``."""
-    keys = image_keys(source, len(train_set) + len(test_set))
+    files = getattr(getattr(train_set, "images", None), "files", None)  # a folder's, already listed
+    keys = ([Path(p).relative_to(source).as_posix() for p in files] if files is not None
+            else image_keys(source, len(train_set) + len(test_set)))
     _, test = split_indices(len(keys), test_fraction, split_seed)
     return {"test": [keys[i] for i in test.tolist()], "fingerprint": fingerprint(keys, train_set, test_set, n_bins)}
 

@@ -116,6 +116,20 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads(steady: bool) -> int:
+    """Torch's thread count when --threads is not given: its own default within the CPUs this process may use;
+    unless ``steady`` (training: a resume must compute alike) or OMP_NUM_THREADS is set, also less the machine's
+    1-minute load average, so that a shared machine is not oversubscribed; at least 1."""
+    import os
+
+    import torch
+
+    threads = min(torch.get_num_threads(), available_cpus())
+    if not steady and hasattr(os, "getloadavg") and "OMP_NUM_THREADS" not in os.environ:
+        threads = min(threads, available_cpus() - int(os.getloadavg()[0]))
+    return max(1, threads)
+
+
 def run_folder(text: str) -> str:
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")

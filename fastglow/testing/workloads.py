@@ -108,7 +108,7 @@ def _construct(impl: str, shape: ModelShape, rosinality, options: dict) -> nn.Mo
     c, k, l, kw = shape.in_channel, shape.n_flow, shape.n_block, dict(affine=shape.affine, conv_lu=shape.conv_lu)
     if impl in ("fastglow-reversible", "fastglow-plain"):
         return fastglow.Glow(c, k, l, hidden_channels=shape.hidden, reversible=impl == "fastglow-reversible",
-                             **dict(dict(backend="triton"), **options), **kw)
+                             **{"backend": "triton", **options}, **kw)
     if impl in ("rosinality", "rosinality-checkpoint"):
         return load_glow_module(rosinality).Glow(c, k, l, **kw)  # width fixed at 512 there
     if impl in ("eager", "compiled", "compiled-per-flow", "checkpoint"):
@@ -120,12 +120,15 @@ def build_model(impl: str, shape: ModelShape, device="cpu", *, rosinality=None, 
                 dtype: torch.dtype = torch.float32, sigma: float = 0.01, compile_backend: str | None = None,
                 **options):
     """-> (model, run, x): the model (its parameters), the callable a step runs (x -> (log_p, logdet, z)) and a
-    batch x ~ U(-0.5, 0.5) of the shape, after ``torch.manual_seed(0)``. ActNorm is initialised on x and every
+    batch x ~ U(-0.5, 0.5) of the shape, after seeding torch and numpy with 0 (the LU 1x1 convs draw from numpy's
+    generator, as rosinality's do: every implementation starts from the same weights). ActNorm is initialised on x and every
     parameter perturbed by ``sigma``. ``options`` go to fastglow.Glow (backend "triton" unless given);
     ``compile_backend``: torch.compile's (default inductor on CUDA, dynamo's tracing only elsewhere)."""
     from fastglow.testing import initialized_model
+    import numpy as np
     device = torch.device(device)
     torch.manual_seed(0)
+    np.random.seed(0)
     x = torch.rand(batch or shape.batch, shape.in_channel, shape.img_size, shape.img_size, device=device,
                    dtype=dtype) - 0.5
     model = initialized_model(_construct(impl, shape, rosinality, options).to(device, dtype), x, sigma=sigma)
