@@ -9,7 +9,7 @@ import numbers
 import torch
 
 from . import reference
-from .backends import select_backend
+from .backends import NetOptions, select_backend
 from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
                      check_labels, check_matches_model, check_sample_args, check_z_list)
 from .conditional import DEFAULT_CLASS_WEIGHT
@@ -61,16 +61,24 @@ class Glow(reference.Glow):
         self.reversible = reversible
         self.reversible_tol = reversible_tol
         self.backward_chunk = backward_chunk
+        self.net_options = NetOptions(autocast_dtype, channels_last)  # how the backends run the coupling networks
         self._reconstruction = ReconstructionMonitor(n_block)
-        self._level_handles = [LevelHandle(block.flows, None, self._reconstruction, i)
+        self._level_handles = [LevelHandle(block.flows, None, self._reconstruction, i, self.net_options)
                                for i, block in enumerate(self.blocks)]  # the reversible level ops' keys
-        self.autocast_dtype, self.channels_last, self.validate = autocast_dtype, channels_last, validate
-        self.mix_precision = mix_precision
-        for coupling in (flow.coupling for block in self.blocks for flow in block.flows):
-            coupling.net_autocast, coupling.net_channels_last = autocast_dtype, channels_last
-            if channels_last:
-                coupling.net.to(memory_format=torch.channels_last)
+        self.validate, self.mix_precision = validate, mix_precision
+        if channels_last:
+            for block in self.blocks:
+                for flow in block.flows:
+                    flow.coupling.net.to(memory_format=torch.channels_last)
         self.last_img_size: tuple[int, int] | None = None
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.net_options.autocast_dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return self.net_options.channels_last
 
     def actnorm_initialized(self) -> bool:
         return all(flow.actnorm.is_initialized for block in self.blocks for flow in block.flows)
@@ -95,15 +103,16 @@ class Glow(reference.Glow):
     def run_level(self, block: reference.Block, x: torch.Tensor, reverse: bool = False):
         """A level's squeeze and K flow steps through the backend, x -> (output, logdet [B]) (``reverse``: the
         inverse, then unsqueeze). ``reversible``: activations are rebuilt by inversion in backward (memory flat
-        in K), else plain autograd. A level whose ActNorms are not initialised first runs the reference's
+        in K), else plain autograd. A level whose ActNorms are not initialised first runs the eager backend's
         steps without grad (their data-dependent init needs each step's input, and keeps no activations); with
         grad, it then runs again like every later batch."""
-        backend = select_backend(self.backend, x, self.mix_precision)  # refused before anything runs
+        backend = select_backend(self.backend, x, self.mix_precision, self.net_options)  # refused before anything runs
         if reverse:
             return backend.unsqueeze(backend.inverse(block.flows, x))
         if not all(flow.actnorm.is_initialized for flow in block.flows):
+            eager = select_backend("eager", x, net=self.net_options)
             with torch.no_grad():
-                first = super().run_level(block, x)
+                first = eager.forward(block.flows, eager.squeeze(x))
             if not torch.is_grad_enabled():
                 return first
         x = backend.squeeze(x)

@@ -216,7 +216,6 @@ class InvConv2dLU(_InvConv1x1):
         return self.w_s.sum()
 
 
-
 class ZeroConv2d(nn.Module):
     """3x3 conv on the input padded with ones, zero-initialised, output times exp(3 * scale)."""
 
@@ -227,23 +226,12 @@ class ZeroConv2d(nn.Module):
         self.conv.bias.data.zero_()
         self.scale = nn.Parameter(torch.zeros(1, out_channel, 1, 1))
 
-    def raw(self, x):
-        """The output before its factor exp(3 * scale)."""
-        return self.conv(F.pad(x, [1, 1, 1, 1], value=1))
-
     def forward(self, x):
-        return self.raw(x) * torch.exp(self.scale * 3)
+        return self.conv(F.pad(x, [1, 1, 1, 1], value=1)) * torch.exp(self.scale * 3)
 
 
 class AffineCoupling(nn.Module):
-    """Coupling layer: the first half of the channels conditions an affine (or additive) map of the second.
-
-    ``net_autocast`` / ``net_channels_last`` say how the network runs (fastglow.Glow's options; not part of
-    the state): None / False is plain rosinality.
-    """
-
-    net_autocast: torch.dtype | None = None
-    net_channels_last: bool = False
+    """Coupling layer: the first half of the channels conditions an affine (or additive) map of the second."""
 
     def __init__(self, in_channel: int, hidden_channels: int = 512, affine: bool = True):
         super().__init__()
@@ -259,30 +247,14 @@ class AffineCoupling(nn.Module):
             self.net[i].weight.data.normal_(0, 0.05)
             self.net[i].bias.data.zero_()
 
-    def run_net(self, fn, x_a: torch.Tensor) -> torch.Tensor:
-        """fn(x_a), fn the network or a part of it: in channels_last when ``net_channels_last``; under
-        autocast to ``net_autocast`` (result cast back to x_a's dtype) when that is set."""
-        if self.net_channels_last:
-            x_a = x_a.contiguous(memory_format=torch.channels_last)
-        if self.net_autocast is None:
-            return fn(x_a)
-        with torch.autocast(x_a.device.type, dtype=self.net_autocast):
-            return fn(x_a).to(x_a.dtype)
-
-    def run_net_raw(self, x_a: torch.Tensor):
-        """-> (h_raw, scale [C_h]), NN(x_a) = h_raw * exp(3 scale): the reversible backward applies and
-        differentiates that factor itself, so the network's graph ends at a conv, which saves its output nowhere."""
-        net = self.net
-        return self.run_net(lambda v: net[4].raw(net[3](net[2](net[1](net[0](v))))), x_a), net[4].scale.reshape(-1)
-
     def forward(self, x):
         x_a, x_b = x.chunk(2, 1)
-        y_b, logdet = coupling_combine(x_b, self.run_net(self.net, x_a), self.affine)
+        y_b, logdet = coupling_combine(x_b, self.net(x_a), self.affine)
         return torch.cat([x_a, y_b], 1), logdet
 
     def reverse(self, y):
         y_a, y_b = y.chunk(2, 1)
-        return torch.cat([y_a, coupling_uncombine(y_b, self.run_net(self.net, y_a), self.affine)], 1)
+        return torch.cat([y_a, coupling_uncombine(y_b, self.net(y_a), self.affine)], 1)
 
 
 class Flow(nn.Module):

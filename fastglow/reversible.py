@@ -42,7 +42,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backends import BACKEND_PRIMITIVES, select_backend
+from .backends import BACKEND_PRIMITIVES, DEFAULT_NET, NetOptions, select_backend
 from .kernels.utils import autograd_inside_op, fake_or_meta, under_functorch
 from .level_backward import batch_slices, call_with, level_backward, parameter_slots, replay_level_backward
 from .reference import ActNorm
@@ -102,11 +102,13 @@ class ReconstructionMonitor:
 
 class LevelHandle:
     """What a level op needs beyond tensors, registered under an int ``key`` (the op's argument): the steps, the
-    backend object (None: chosen per call from the op's backend name) and where to record the reconstruction
-    error. A model owns one per level; copies (deepcopy, unpickling) register themselves under a new key."""
+    backend object (None: chosen per call from the op's backend name, running the coupling networks under
+    ``net``) and where to record the reconstruction error. A model owns one per level; copies (deepcopy,
+    unpickling) register themselves under a new key."""
 
-    def __init__(self, steps, backend=None, monitor: ReconstructionMonitor | None = None, level: int = 0):
-        self.steps, self.backend, self.monitor, self.level = steps, backend, monitor, level
+    def __init__(self, steps, backend=None, monitor: ReconstructionMonitor | None = None, level: int = 0,
+                 net: NetOptions = DEFAULT_NET):
+        self.steps, self.backend, self.monitor, self.level, self.net = steps, backend, monitor, level, net
         self.autocast = None  # the latest forward's autocast state, replayed by its backward
         self._register()
 
@@ -122,7 +124,7 @@ class LevelHandle:
         self._register()
 
     def resolve(self, backend: str, mix_precision: str, x: torch.Tensor):
-        return self.backend if self.backend is not None else select_backend(backend, x, mix_precision)
+        return self.backend if self.backend is not None else select_backend(backend, x, mix_precision, self.net)
 
 
 _KEYS = itertools.count(1)

@@ -148,3 +148,22 @@ def test_validate_false_skips_only_the_value_check():
 def test_bad_execution_options_are_refused(kwargs, error):
     with pytest.raises(error):
         fastglow.Glow(3, 1, 1, hidden_channels=4, **kwargs)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(channels_last=True), dict(autocast_dtype=torch.bfloat16)])
+def test_network_options_run_the_reference_network(options):
+    """The backends' NetOptions run the reference coupling network unchanged (the reference module itself has no
+    execution options): coupling_h equals coupling.net, and h_raw * exp(3 zscale) equals it too, at non-trivial
+    weights; under bf16 autocast, within bf16's rounding and cast back to the input's dtype."""
+    from fastglow.backends import NetOptions
+    from fastglow.testing import perturb_
+    coupling = perturb_(reference.AffineCoupling(6, 16), sigma=0.2, seed=3)
+    x_a = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    net = NetOptions(**options)
+    expected = coupling.net(x_a)
+    h, (h_raw, zscale) = net.coupling_h(coupling, x_a), net.coupling_h_raw(coupling, x_a)
+    assert h.dtype == h_raw.dtype == x_a.dtype and expected.abs().max() > 0.1
+    tol = 2e-2 if "autocast_dtype" in options else 1e-6
+    assert rel_error(h, expected) <= tol
+    assert rel_error(h_raw * torch.exp(3 * zscale).view(1, -1, 1, 1), expected) <= tol
+    assert not hasattr(coupling, "run_net") and not hasattr(coupling.net[4], "raw")

@@ -15,11 +15,11 @@ import os
 
 import torch
 
-from .base import BACKEND_PRIMITIVES, Backend, FoldedMix, fold_mixes, full_precision
+from .base import BACKEND_PRIMITIVES, DEFAULT_NET, Backend, FoldedMix, NetOptions, fold_mixes, full_precision
 from .eager import EagerSteps
 
-__all__ = ["BACKEND_PRIMITIVES", "Backend", "EagerSteps", "FoldedMix", "TritonSteps", "fold_mixes", "full_precision", "select_backend",
-           "triton_interpreter_enabled"]
+__all__ = ["BACKEND_PRIMITIVES", "DEFAULT_NET", "Backend", "EagerSteps", "FoldedMix", "NetOptions", "TritonSteps", "fold_mixes",
+           "full_precision", "select_backend", "triton_interpreter_enabled"]
 
 
 def triton_interpreter_enabled() -> bool:
@@ -33,28 +33,27 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_TRITON: dict = {}  # one TritonSteps per mix precision
+_BACKENDS: dict = {}  # one backend object per (name, mix precision, network options)
 
 
-def _triton_steps(mix_precision: str):
-    if mix_precision not in _TRITON:
-        from .triton import TritonSteps
-        _TRITON[mix_precision] = TritonSteps(mix_precision)
-    return _TRITON[mix_precision]
-
-
-_EAGER = EagerSteps()
-
-
-def select_backend(requested: str, x: torch.Tensor, mix_precision: str = "ieee") -> Backend:
-    """``auto`` -> Triton on float32/float64 CUDA tensors, else eager; refuse ``triton`` where it cannot run."""
+def select_backend(requested: str, x: torch.Tensor, mix_precision: str = "ieee",
+                   net: NetOptions = DEFAULT_NET) -> Backend:
+    """``auto`` -> Triton on float32/float64 CUDA tensors, else eager; refuse ``triton`` where it cannot run.
+    ``net``: how the backend runs the coupling networks (:class:`NetOptions`)."""
     if requested == "auto":
         requested = "triton" if x.is_cuda and x.dtype in (torch.float32, torch.float64) else "eager"
     if requested == "eager":
-        return _EAGER
+        key = ("eager", None, net)
+        if key not in _BACKENDS:
+            _BACKENDS[key] = EagerSteps(net)
+        return _BACKENDS[key]
     if not (x.is_cuda or triton_interpreter_enabled()):
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
                          f"got a tensor on {x.device}")
     if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"backend='triton' runs float32 or float64, got {x.dtype}")
-    return _triton_steps(mix_precision)
+    key = ("triton", mix_precision, net)
+    if key not in _BACKENDS:
+        from .triton import TritonSteps
+        _BACKENDS[key] = TritonSteps(mix_precision, net)
+    return _BACKENDS[key]

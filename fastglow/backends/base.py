@@ -14,6 +14,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 
 @dataclass
@@ -30,11 +31,49 @@ class FoldedMix:
     logdet_per_pixel: torch.Tensor
 
 
+@dataclass(frozen=True)
+class NetOptions:
+    """How a backend runs the coupling networks (fastglow.Glow's execution options; same maths, same state):
+    ``autocast_dtype`` (bfloat16/float16: the network under autocast, its output cast back to the input's
+    dtype; None: the caller's autocast state) and ``channels_last`` (the network's input in channels_last)."""
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    def run(self, fn, x_a: torch.Tensor) -> torch.Tensor:
+        """fn(x_a), fn the network or its first layers, under these options."""
+        if self.channels_last:
+            x_a = x_a.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            return fn(x_a)
+        with torch.autocast(x_a.device.type, dtype=self.autocast_dtype):
+            return fn(x_a).to(x_a.dtype)
+
+    def coupling_h(self, coupling: nn.Module, x_a: torch.Tensor) -> torch.Tensor:
+        """h = NN(x_a), the coupling network's output."""
+        return self.run(coupling.net, x_a)
+
+    def coupling_h_raw(self, coupling: nn.Module, x_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h_raw, zscale (C_h,)) with NN(x_a) = h_raw exp(3 zscale): the network up to its last conv's output
+        (the reversible backward applies and differentiates the factor itself, so the network's graph ends at
+        a conv, which saves its output nowhere)."""
+        *body, last = coupling.net  # conv 3x3, ReLU, conv 1x1, ReLU, ZeroConv2d
+
+        def raw(v):
+            for layer in body:
+                v = layer(v)
+            return last.conv(F.pad(v, [1, 1, 1, 1], value=1))
+        return self.run(raw, x_a), last.scale.reshape(-1)
+
+
+DEFAULT_NET = NetOptions()
+
+
 @runtime_checkable
 class Backend(Protocol):
     """How a Glow level executes. ``steps`` is a sequence of :class:`fastglow.reference.Flow` modules."""
 
     name: str
+    net: NetOptions  # how the coupling networks run
     fold_group: int | None  # steps folded and differentiated together in the backward (None: the whole level)
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,14 +8,18 @@ from torch.nn import functional as F
 
 from .. import reference
 from ..permutation import ChannelPermutation, permutation_weights
-from .base import FoldedMix, fold_mixes, full_precision
+from .base import DEFAULT_NET, FoldedMix, NetOptions, fold_mixes, full_precision
 
 
 class EagerSteps:
-    """Flow steps through the reference modules: rosinality's maths, any device and dtype."""
+    """Flow steps through the reference modules: rosinality's maths, any device and dtype; the coupling
+    networks run under ``net`` (:class:`NetOptions`)."""
 
     name = "eager"
     fold_group = 1  # the reference's per-step weight maths keeps many small tensors for its backward
+
+    def __init__(self, net: NetOptions = DEFAULT_NET):
+        self.net = net
 
     @staticmethod
     def squeeze(x: torch.Tensor) -> torch.Tensor:
@@ -25,8 +29,7 @@ class EagerSteps:
     def unsqueeze(y: torch.Tensor) -> torch.Tensor:
         return reference.unsqueeze2d(y)
 
-    @staticmethod
-    def forward(steps, x: torch.Tensor):
+    def forward(self, steps, x: torch.Tensor):
         """y = f_{K-1}(...f_0(x)), logdet = sum_k ld_k [B]: each reference Flow's maths, its ActNorm and 1x1
         conv in full precision under autocast (as the Triton backend's mix), so the step inverts exactly."""
         logdet = x.new_zeros(x.shape[0])
@@ -34,17 +37,20 @@ class EagerSteps:
             with full_precision():
                 y, det_actnorm = step.actnorm(x)
                 y, det_invconv = step.invconv(y)
-            x, det_coupling = step.coupling(y)
+            y_a, y_b = y.chunk(2, 1)
+            y_b, det_coupling = reference.coupling_combine(y_b, self.net.coupling_h(step.coupling, y_a),
+                                                           step.coupling.affine)
+            x = torch.cat([y_a, y_b], 1)
             logdet = logdet + (det_coupling + (det_actnorm + det_invconv))
         return x, logdet
 
-    @staticmethod
-    def inverse(steps, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, steps, y: torch.Tensor) -> torch.Tensor:
         """x = f_0^-1(...f_{K-1}^-1(y)), the ActNorm and 1x1 conv in full precision as in :meth:`forward`."""
         for step in reversed(list(steps)):
-            y = step.coupling.reverse(y)
+            y_a, y_b = y.chunk(2, 1)
+            y_b = reference.coupling_uncombine(y_b, self.net.coupling_h(step.coupling, y_a), step.coupling.affine)
             with full_precision():
-                y = step.actnorm.reverse(step.invconv.reverse(y))
+                y = step.actnorm.reverse(step.invconv.reverse(torch.cat([y_a, y_b], 1)))
         return y
 
     @staticmethod
@@ -57,9 +63,8 @@ class EagerSteps:
             w_logdet = torch.stack([step.invconv.log_abs_det() for step in steps])
             return fold_mixes(steps, w, reference.matrix_inverse(w.detach()), w_logdet)
 
-    @staticmethod
-    def coupling_net(coupling: reference.AffineCoupling, out_a: torch.Tensor):
-        return coupling.run_net_raw(out_a)
+    def coupling_net(self, coupling: reference.AffineCoupling, out_a: torch.Tensor):
+        return self.net.coupling_h_raw(coupling, out_a)
 
     @staticmethod
     def coupling_backward(out, grad_out, net_out, grad_logdet, affine: bool, reuse: bool = False):

@@ -22,7 +22,7 @@ from ..kernels.coupling import coupling, coupling_grad, coupling_mix, coupling_m
 from ..kernels.lu_weight import lu_weight, perm_from_matrix
 from ..kernels.squeeze import squeeze
 from ..kernels.utils import call
-from .base import FoldedMix, fold_mixes, full_precision
+from .base import DEFAULT_NET, FoldedMix, NetOptions, fold_mixes, full_precision
 from .eager import EagerSteps
 
 __all__ = ["TritonSteps", "fold_level", "coupling_net_raw", "level_forward", "level_inverse", "coupling_backward",
@@ -42,21 +42,22 @@ def fold_level(flows) -> list[FoldedMix]:
         return fold_mixes(flows, w, w_inv, w_logdet)
 
 
-def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor):
-    """``coupling.run_net_raw``: (h_raw, zscale), h_raw contiguous in x_a's dtype as the kernels read it."""
-    h_raw, zscale = coupling.run_net_raw(x_a)
+def coupling_net_raw(coupling: reference.AffineCoupling, x_a: torch.Tensor, net: NetOptions = DEFAULT_NET):
+    """``net.coupling_h_raw``: (h_raw, zscale), h_raw contiguous in x_a's dtype as the kernels read it."""
+    h_raw, zscale = net.coupling_h_raw(coupling, x_a)
     return h_raw.to(x_a.dtype).contiguous(), zscale
 
 
-def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee"):
+def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee", net: NetOptions = DEFAULT_NET):
     """A level's K flow steps: x -> (y, logdet [B]). One batched LU launch, then one fused kernel per step (the
     coupling of step k with the ActNorm + 1x1 of step k+1); the coupling networks run in torch between them.
-    ``input_precision``: the mix's tl.dot precision ("ieee" or "tf32x3"), here and below."""
+    ``input_precision``: the mix's tl.dot precision ("ieee" or "tf32x3"), here and below; ``net``: how the
+    coupling networks run (:class:`NetOptions`)."""
     folded = fold_level(flows)
     logdet = x.shape[2] * x.shape[3] * torch.stack([f.logdet_per_pixel for f in folded]).sum()  # 2 launches, not K
     y = call(channel_mix, x, folded[0].mix_weight, folded[0].mix_bias, input_precision)
     for k, flow in enumerate(flows):
-        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
+        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2], net)
         if k + 1 < len(flows):
             y, det = coupling_mix(y, h_raw, zscale, folded[k + 1].mix_weight, folded[k + 1].mix_bias,
                              flow.coupling.affine, torch.is_grad_enabled(), input_precision)
@@ -66,17 +67,15 @@ def level_forward(flows, x: torch.Tensor, input_precision: str = "ieee"):
     return y, logdet
 
 
-def level_inverse(flows, y: torch.Tensor, input_precision: str = "ieee") -> torch.Tensor:
+def level_inverse(flows, y: torch.Tensor, input_precision: str = "ieee", net: NetOptions = DEFAULT_NET):
     """Inverse of a level's K flow steps, last step first: per step one kernel (uncombine and inverse mix).
-    That kernel is not differentiable: while autograd records, the steps run through the reference modules."""
+    That kernel is not differentiable: while autograd records, the steps run through the eager backend."""
     if torch.is_grad_enabled() and (y.requires_grad or any(t.requires_grad for flow in flows
                                                            for t in flow.parameters())):
-        for flow in reversed(flows):
-            y = flow.reverse(y)
-        return y
+        return EagerSteps(net).inverse(flows, y)
     folded = fold_level(flows)
     for flow, fold in zip(reversed(flows), reversed(folded)):
-        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2])
+        h_raw, zscale = coupling_net_raw(flow.coupling, y[:, : y.shape[1] // 2], net)
         y = coupling_mix_inverse(y, h_raw, zscale, fold.mix_weight_inv, fold.mix_bias_inv, flow.coupling.affine,
                                  input_precision)
     return y
@@ -105,11 +104,11 @@ class TritonSteps:
     name = "triton"
     fold_group = None  # one batched LU launch each way per level
 
-    def __init__(self, mix_precision: str = "ieee"):
+    def __init__(self, mix_precision: str = "ieee", net: NetOptions = DEFAULT_NET):
         self.mix_precision = mix_precision  # tl.dot input precision of the 1x1 mix: "ieee" or "tf32x3"
+        self.net = net  # how the coupling networks run
 
     fold = staticmethod(fold_level)
-    coupling_net = staticmethod(coupling_net_raw)
     coupling_backward = staticmethod(coupling_backward)
 
     @staticmethod
@@ -120,11 +119,14 @@ class TritonSteps:
     def unsqueeze(y: torch.Tensor) -> torch.Tensor:
         return call(squeeze, y, True)
 
+    def coupling_net(self, coupling, out_a: torch.Tensor):
+        return coupling_net_raw(coupling, out_a, self.net)
+
     def forward(self, steps, x: torch.Tensor):
-        return level_forward(list(steps), x, self.mix_precision)
+        return level_forward(list(steps), x, self.mix_precision, self.net)
 
     def inverse(self, steps, y: torch.Tensor) -> torch.Tensor:
-        return level_inverse(list(steps), y, self.mix_precision)
+        return level_inverse(list(steps), y, self.mix_precision, self.net)
 
     def mix_backward(self, y: torch.Tensor, grad_y: torch.Tensor, fold):
         return mix_backward(y, grad_y, fold, self.mix_precision)
