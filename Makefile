@@ -26,8 +26,10 @@ demo: $(BIN)/.installed
 demo-check: demo
 	$(BIN)/python -m benchmarks.studies.conditional_demo_check --run runs/demo-conditional --twin runs/demo-unconditional
 
+# one pytest worker per core (pytest-xdist), each with one torch thread (tests/conftest.py)
+TEST_WORKERS ?= auto
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The GPU machine's Triton (and the numpy its interpreter needs), pinned in benchmarks/gpu_run/gpu_stack.txt, beside the
 # same CPU torch: the kernel and backend tests under its interpreter, and the sm_90 gate compiled by its compiler.
@@ -45,7 +47,7 @@ $(GPU_STACK_BIN)/.installed: pyproject.toml benchmarks/gpu_run/gpu_stack.txt
 
 test-gpu-stack: $(GPU_STACK_BIN)/.installed
 	$(GPU_STACK_BIN)/python -c "import triton, numpy; print('GPU stack: triton', triton.__version__, 'numpy', numpy.__version__)"
-	$(GPU_STACK_BIN)/python -m pytest -q -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(GPU_STACK_TESTS)
+	$(GPU_STACK_BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal -W "ignore:Conversion of an array with ndim:DeprecationWarning" $(GPU_STACK_TESTS)
 
 # Every GPU target in one command (benchmarks/gpu_run/): installs nothing, runs with the Python that has torch;
 # results under $(OUT). Without CUDA: the CPU smoke run at tiny shapes. ROSINALITY=DIR adds rosinality's model.py.
