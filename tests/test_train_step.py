@@ -9,7 +9,7 @@ import torch
 
 import fastglow
 from fastglow.app.guard import MAX_LOG_SCALE, Guard, lu_log_scale_max
-from fastglow.app.objective import train_step, training_loss
+from fastglow.app.objective import gradient_step, training_loss
 from fastglow.testing import initialized_model
 
 N_BINS = 17
@@ -39,7 +39,7 @@ def test_the_step_measures_loss_and_gradients_and_changes_nothing_else(tmp_path,
     weights, rng = _weights(model), torch.get_rng_state()
     monkeypatch.chdir(tmp_path)
 
-    result = train_step(model, optimizer, x, y, lr=3e-4, n_bins=N_BINS, counts=(2,))
+    result = gradient_step(model, optimizer, x, y, lr=3e-4, n_bins=N_BINS, counts=(2,))
 
     assert list(tmp_path.iterdir()) == [] and capsys.readouterr() == ("", "")  # no file, no output
     assert torch.equal(torch.get_rng_state(), rng)  # no random numbers drawn
@@ -58,7 +58,7 @@ def test_the_step_measures_loss_and_gradients_and_changes_nothing_else(tmp_path,
 def test_a_non_finite_loss_is_reported_not_applied():
     model, optimizer, x, _ = _model()
     weights = _weights(model)
-    result = train_step(model, optimizer, x, None, lr=1e-3, n_bins=N_BINS,
+    result = gradient_step(model, optimizer, x, None, lr=1e-3, n_bins=N_BINS,
                         loss_fn=lambda *args: training_loss(*args) * float("nan"))
     assert not result.finite and result.loss != result.loss  # NaN
     torch.testing.assert_close(_weights(model), weights, rtol=0, atol=0)
@@ -81,7 +81,7 @@ def test_the_guard_rolls_back_to_the_state_before_the_last_accepted_update():
     model, optimizer, x, _ = _model()
     guard, states = Guard(max_bad_steps=3), []
     for step in (1, 2, 3):  # Adam makes its moments at step 1: the capture's first and in-place paths both run
-        result = train_step(model, optimizer, x, None, lr=1e-3, n_bins=N_BINS)
+        result = gradient_step(model, optimizer, x, None, lr=1e-3, n_bins=N_BINS)
         states.append((_weights(model), copy.deepcopy(optimizer.state_dict())))
         # as the loop does: the state before step t's update is the run at step t - 1
         assert guard.accept(result.finite, model, optimizer, {"step": step - 1, "marker": step})
@@ -105,5 +105,5 @@ def test_the_guard_finds_singular_1x1_convolutions():
     assert "80" in Guard.singular(MAX_LOG_SCALE) and "nan" in Guard.singular(float("nan"))
     with torch.no_grad():
         model.blocks[0].flows[1].invconv.w_s[2] = -200.0  # exp(-200) underflows: W is singular in float32
-    result = train_step(model, optimizer, x, None, lr=1e-3, n_bins=N_BINS)
+    result = gradient_step(model, optimizer, x, None, lr=1e-3, n_bins=N_BINS)
     assert result.log_scale == 200.0 and Guard.singular(result.log_scale) == "|log scale| 200"

@@ -19,10 +19,10 @@ writes files. A non-finite loss or gradient skips the optimizer step on every ra
 the gradients already are); ``max_bad_steps`` consecutive skips stop the run.
 
 A run is a :class:`fastglow.app.runstate.RunState` (setup, progress, guard) built by :func:`start_or_resume`;
-:func:`run` holds the schedule: :func:`train_step` (the pure step :func:`fastglow.app.objective.train_step`,
-judged by the run's :class:`fastglow.app.guard.Guard`) every step, a log line every ``log_every`` steps,
-:func:`evaluate_and_sample` and :func:`save` every ``eval_every`` / ``ckpt_every`` steps and at the end;
-:func:`train` runs the whole of it.
+:func:`run` holds the schedule: :func:`train_step` every step (the pure step
+:func:`fastglow.app.objective.gradient_step`, judged by the run's :class:`fastglow.app.guard.Guard`), a log line
+every ``log_every`` steps, :func:`evaluate_and_sample` and :func:`save` every ``eval_every`` / ``ckpt_every``
+steps and at the end; :func:`train` runs the whole of it.
 
 Only sound weights are kept (:mod:`fastglow.app.guard`): a checkpoint is written after a probe (held-out loss
 finite, decoding finite and invertible) or an evaluation at the same step passed; a held-out loss, sample grid
@@ -49,8 +49,7 @@ from .data import save_image_grid
 from .distributed import broadcast_object, parameters_agree, setup_distributed, teardown
 from .errors import TrainingError, one_line
 from .guard import decode
-from .objective import StepResult, evaluate, learning_rate, training_loss
-from .objective import train_step as pure_step
+from .objective import StepResult, evaluate, gradient_step, learning_rate, training_loss
 from .progress import progress as progress_bar
 from .runstate import RunState, start_or_resume
 
@@ -59,17 +58,18 @@ from .runstate import RunState, start_or_resume
 # A step and what it tells the log
 # ----------------------------------------------------------------------------------------------
 def train_step(state: RunState) -> tuple[float, float]:
-    """One step on the next global batch: the pure step, then the guard's judgement (the optimizer's update
-    applied, or skipped on every rank if the loss or the gradient is non-finite) -> (learning rate, gradient
-    norm); the run stops on singular weights, too many skipped steps or too many unreadable images."""
+    """One step on the next global batch: the pure step (:func:`gradient_step`), then the guard's judgement
+    (the optimizer's update applied, or skipped on every rank if the loss or the gradient is non-finite) ->
+    (learning rate, gradient norm); the run stops on singular weights, too many skipped steps in a row or too
+    many unreadable images."""
     setup, progress, guard = state.setup, state.progress, state.guard
     before = _resumable_extra(state)  # the state these weights belong to, should their loss prove finite
     x, y, bad = setup.data.batch(progress.step + 1)
     progress.step += 1
     lr = learning_rate(setup.cfg, progress.step)
     try:
-        result = pure_step(setup.net, setup.optimizer, x, y, lr=lr, n_bins=setup.cfg.n_bins, dist=setup.dist,
-                           loss_fn=training_loss, graph=_graph(state, x), counts=(len(bad),))
+        result = gradient_step(setup.net, setup.optimizer, x, y, lr=lr, n_bins=setup.cfg.n_bins, dist=setup.dist,
+                               loss_fn=training_loss, graph=_graph(state, x), counts=(len(bad),))
     except torch.linalg.LinAlgError as err:  # the reversible backward inverts the 1x1 convolutions
         _diverge(state, f"the model stopped being invertible at step {progress.step} ({one_line(err)})")
     if why := guard.singular(result.log_scale):

@@ -1,5 +1,5 @@
 """The pieces of a training step: the model a config builds, its loss, the learning-rate schedule, the step
-itself (:func:`train_step`: a batch -> loss, gradients and the numbers the guard checks; no I/O), evaluation on
+itself (:func:`gradient_step`: a batch -> loss, gradients and the numbers the guard checks; no I/O), evaluation on
 held-out images and the gradient norm (see :mod:`fastglow.app.loop` for the maths of a step)."""
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class StepResult:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def train_step(net, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None, *, lr: float,
-               n_bins: int, dist: Dist | None = None, loss_fn: Callable = training_loss,
-               graph: Callable | None = None, counts: Sequence[float] = ()) -> StepResult:
+def gradient_step(net, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None, *, lr: float,
+                  n_bins: int, dist: Dist | None = None, loss_fn: Callable = training_loss,
+                  graph: Callable | None = None, counts: Sequence[float] = ()) -> StepResult:
     """Set the learning rate to ``lr``, zero the gradients, then the loss of the batch ``x`` (labels ``y``) and
     its gradients: ``loss_fn(net, x, n_bins, y).backward()``, or ``graph(x)`` (a :class:`fastglow.CudaGraphStep`
     that does both) -> :class:`StepResult`. ``net``: the model, or the model in DistributedDataParallel (whose
