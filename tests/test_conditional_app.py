@@ -127,7 +127,7 @@ def test_morph_strip_starts_at_the_held_out_image(ckpt, tmp_path, capsys):
                  "--out", str(out)]) == 0
     strip = np.asarray(Image.open(out))
     assert strip.shape == (12, 5 * 10 + 2)
-    from fastglow.app.checkpoint import run_split
+    from fastglow.app.model_io import run_split
     saved = torch.load(ckpt)
     info = {"config": saved["config"], "dataset": saved["dataset"], "n_bins": 17}
     levels, labels = run_split(digit_levels(), load_labels("digits", 1797)[0], "digits", info)[1]

@@ -4,7 +4,7 @@ read the permutation off the checkpoint; contradictory flags are one-line errors
 import pytest
 import torch
 
-from fastglow.app.checkpoint import infer_shape, load_model
+from fastglow.app.model_io import infer_shape, load_model
 from fastglow.app.cli import main
 
 TINY = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "16", "--no-progress", "--eval-every", "0"]

@@ -32,7 +32,8 @@ from fastglow.app.classes import classification_accuracy, split_labels
 from fastglow.app.config import TrainConfig
 from fastglow.app.data import dequantize, digit_levels, load_labels, split_dataset, to_levels, to_pixels
 from fastglow.app.distributed import Dist
-from fastglow.app.loop import build_model, evaluate, train
+from fastglow.app.loop import train
+from fastglow.app.objective import build_model, evaluate
 
 TEMPERATURE = 0.7
 SAMPLES_PER_CLASS = 100

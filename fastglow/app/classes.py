@@ -87,6 +87,26 @@ def resolve_class(text: str, names: list[str] | None, n_classes: int, flag: str)
     return k
 
 
+def sample_labels(classes: str | None, n: int | None, nrow: int | None, info: dict, gen: torch.Generator,
+                  ckpt) -> tuple[torch.Tensor | None, int | None]:
+    """``fastglow sample``'s --class, --n and --nrow on a loaded model (``info``: its n_classes, class_names) ->
+    (the samples' labels or None for an unconditional model, images per row); ``ckpt`` names it in errors."""
+    n_classes = info["n_classes"]
+    if n_classes is None:
+        if classes is not None:
+            raise InputError(f"{ckpt}: the model is unconditional; --class needs a checkpoint trained "
+                             "with --conditional")
+        return None, nrow
+    if classes == "all":
+        per_class = n or 10
+        return class_grid_labels(n_classes, per_class), per_class
+    n = n or 64
+    if classes is None:
+        return torch.randint(n_classes, (n,), generator=gen), nrow
+    k = resolve_class(classes, info["class_names"], n_classes, "--class")
+    return torch.full((n,), k, dtype=torch.int64), nrow
+
+
 @torch.no_grad()
 def classification_accuracy(model, levels: torch.Tensor, labels: torch.Tensor, n_bins: int, batch: int,
                             device) -> float:

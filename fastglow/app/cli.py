@@ -233,19 +233,6 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_flags(args) -> dict:
-    keys = ("in_channel", "n_flow", "n_block", "hidden", "affine", "conv_lu", "permutation", "img_size", "n_bits",
-            "data")
-    return {k: getattr(args, k, None) for k in keys}
-
-
-def _load(args):
-    from .checkpoint import load_model
-    from .distributed import pick_backend, pick_device
-    device = pick_device(args.device)
-    return load_model(args.ckpt, _model_flags(args), device, pick_backend(args.backend, device))
-
-
 def _decode(model, z_list, args, y=None, reconstruct: bool = False):
     """Latents (and classes y) -> images, or an InputError naming the checkpoint when its weights do not decode."""
     from .guard import decode
@@ -258,12 +245,14 @@ def _decode(model, z_list, args, y=None, reconstruct: bool = False):
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .classes import sample_labels
     from .data import save_image_grid
+    from .model_io import load_for_command
 
-    model, info = _load(args)
+    model, info = load_for_command(args)
     gen = torch.Generator().manual_seed(args.seed)
     device = next(model.parameters()).device
-    y, nrow = _sample_classes(args, info, gen)
+    y, nrow = sample_labels(args.classes, args.n, args.nrow, info, gen, args.ckpt)
     n = (args.n or 64) if y is None else y.shape[0]
     check_grid(n, info["in_channel"], info["img_size"], args.zoom, nrow, "--n")
     z = [args.temperature * torch.randn(n, *s, generator=gen).to(device)
@@ -274,38 +263,18 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sample_classes(args, info, gen: torch.Generator):
-    """(labels of the samples or None, images per row) for ``fastglow sample``'s --class, --n and --nrow."""
-    from .classes import class_grid_labels, resolve_class
-
-    n_classes = info["n_classes"]
-    if n_classes is None:
-        if args.classes is not None:
-            raise InputError(f"{args.ckpt}: the model is unconditional; --class needs a checkpoint trained "
-                             "with --conditional")
-        return None, args.nrow
-    if args.classes == "all":
-        per_class = args.n or 10
-        return class_grid_labels(n_classes, per_class), per_class
-    n = args.n or 64
-    if args.classes is None:
-        return torch.randint(n_classes, (n,), generator=gen), args.nrow
-    k = resolve_class(args.classes, info["class_names"], n_classes, "--class")
-    return torch.full((n,), k, dtype=torch.int64), args.nrow
-
-
 def _z_shapes(info):
     return z_shapes(info["in_channel"], info["img_size"], info["n_block"])
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .checkpoint import checkpoint_data, run_split
     from .classes import classification_accuracy
     from .distributed import Dist
     from .fingerprint import same_source
-    from .loop import evaluate
+    from .model_io import checkpoint_data, load_for_command, run_split
+    from .objective import evaluate
 
-    model, info = _load(args)
+    model, info = load_for_command(args)
     config = info["config"] or {}
     data, levels, labels = checkpoint_data(args.ckpt, info, args.data, args.n_bits, args.npz_key)
     split = args.split or ("test" if same_source(data, config.get("data")) else "all")
@@ -326,10 +295,11 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _interpolate(args: argparse.Namespace) -> int:
     from .data import bin_centres, image_grid, read_image, save_png, to_levels, to_pixels
+    from .model_io import load_for_command
 
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
-    model, info = _load(args)
+    model, info = load_for_command(args)
     check_grid(args.steps, info["in_channel"], info["img_size"], args.zoom, args.steps, "--steps")
     device = next(model.parameters()).device
     ends = [to_levels(read_image(p, info["img_size"], info["in_channel"]), info["n_bins"]) for p in args.images]
@@ -345,13 +315,13 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def _morph(args: argparse.Namespace) -> int:
-    from .checkpoint import checkpoint_data, run_split
     from .classes import class_mean_latents, morph_path, resolve_class
     from .data import bin_centres, image_grid, save_png, to_pixels
+    from .model_io import checkpoint_data, load_for_command, run_split
 
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2 (the two end points), got {args.steps}")
-    model, info = _load(args)
+    model, info = load_for_command(args)
     if info["n_classes"] is None:
         raise InputError(f"{args.ckpt}: the model is unconditional; morph needs a checkpoint trained with "
                          "--conditional")

@@ -1,9 +1,11 @@
-"""The non-finite guard's pieces: decoding latents without a traceback, and the last good state of a run.
+"""The non-finite guard: decoding latents without a traceback, the last good state of a run, and the
+:class:`Guard` that judges each training step.
 
 A run keeps only weights that are *sound*: their loss is finite and they invert (every 1x1 convolution is
-non-singular and decoding gives finite images). Training checks the loss every step; evaluation, sampling
-and each checkpoint check the rest (:mod:`fastglow.app.loop`). :class:`LastGood` holds a copy of the newest
-state whose training loss was finite, so a run that diverges can still checkpoint it.
+non-singular and decoding gives finite images). Training checks the loss and the LU scales every step
+(:class:`Guard`); evaluation, sampling and each checkpoint check the rest (:mod:`fastglow.app.loop`).
+:class:`LastGood` holds a copy of the newest state whose training loss was finite, so a run that diverges can
+still checkpoint it.
 """
 
 from __future__ import annotations
@@ -98,3 +100,48 @@ class LastGood:
             for kept, live in zip(self.tensors["optimizer"]["param_groups"], optimizer.param_groups):
                 kept["lr"] = live["lr"]  # the only hyper-parameter the loop changes
         self.step, self.extra = extra["step"], extra
+
+
+class Guard:
+    """The judge of a run's training steps: a step whose loss or gradient is non-finite is skipped (``skipped``
+    in all, ``bad_run`` of them in a row; ``max_bad_steps`` in a row stop the run), one with finite ones is
+    accepted after the state before its update is kept (:class:`LastGood`), and LU scales past
+    ``MAX_LOG_SCALE`` mean a singular 1x1 convolution. When the run stops, :meth:`rollback` gives back the
+    last good weights."""
+
+    def __init__(self, max_bad_steps: int, skipped: int = 0):
+        self.max_bad_steps = max_bad_steps
+        self.skipped = skipped  # over every resume (a checkpoint holds it)
+        self.bad_run = 0
+        self.last_good = LastGood()
+
+    @staticmethod
+    def singular(log_scale: float) -> str | None:
+        """Why the weights are singular, given max |w_s| of the LU 1x1 convolutions (NaN included), or None."""
+        return None if log_scale < MAX_LOG_SCALE else f"|log scale| {log_scale:.3g}"
+
+    def accept(self, finite: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer, before: dict) -> bool:
+        """Judge a step whose loss and gradient are ``finite`` or not, before its update -> whether to apply it.
+        Accepted: the weights, the optimizer and ``before`` (the run's counters, RNGs and data order these
+        weights belong to) become the last good state, and the run of bad steps ends. Skipped: counted."""
+        if finite:
+            self.last_good.capture(model, optimizer, before)
+            self.bad_run = 0
+            return True
+        self.bad_run += 1
+        self.skipped += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        """Whether ``max_bad_steps`` steps in a row were skipped (the run must stop)."""
+        return self.bad_run >= self.max_bad_steps
+
+    def rollback(self, model: torch.nn.Module, newer_than: int) -> LastGood | None:
+        """Load the last good weights into ``model`` if that state is newer than step ``newer_than`` (the newest
+        checkpoint) -> the state (its tensors and counters, for a checkpoint), else None (``model`` untouched)."""
+        good = self.last_good
+        if good.step is None or good.step <= newer_than:
+            return None
+        model.load_state_dict(good.tensors["model"])
+        return good

@@ -1,7 +1,12 @@
-"""The pieces of a training step: the model a config builds, its loss, the learning-rate schedule, evaluation
-on held-out images and the gradient norm (see :mod:`fastglow.app.loop` for the maths of a step)."""
+"""The pieces of a training step: the model a config builds, its loss, the learning-rate schedule, the step
+itself (:func:`gradient_step`: a batch -> loss, gradients and the numbers the guard checks; no I/O), evaluation on
+held-out images and the gradient norm (see :mod:`fastglow.app.loop` for the maths of a step)."""
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Sequence
 
 import torch
 
@@ -10,6 +15,7 @@ from .config import TrainConfig
 from .data import dequantize
 from .datasets import take
 from .distributed import Dist, all_reduce_sum
+from .guard import lu_log_scale_max
 
 
 def build_model(cfg: TrainConfig) -> Glow:
@@ -37,6 +43,51 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
     up = min(1.0, step / cfg.warmup) if cfg.warmup > 0 else 1.0
     down = min(1.0, (cfg.steps - step + 1) / cooldown) if cooldown > 0 else 1.0
     return cfg.lr * up * max(down, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What one step measured, averaged over the ranks: the training loss (bits/dim, plus the class loss of a
+    class-conditional model), ||grad||_2 over every parameter, max |w_s| of the LU 1x1 convolutions
+    (:func:`fastglow.app.guard.lu_log_scale_max`) and the caller's ``counts``, summed over the ranks."""
+    loss: float
+    grad_norm: float
+    log_scale: float
+    counts: tuple[float, ...] = ()
+
+    @property
+    def finite(self) -> bool:
+        """Whether the loss and the gradient are finite (else the step must not update the weights)."""
+        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+
+
+def gradient_step(net, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor | None, *, lr: float,
+                  n_bins: int, dist: Dist | None = None, loss_fn: Callable = training_loss,
+                  graph: Callable | None = None, counts: Sequence[float] = ()) -> StepResult:
+    """Set the learning rate to ``lr``, zero the gradients, then the loss of the batch ``x`` (labels ``y``) and
+    its gradients: ``loss_fn(net, x, n_bins, y).backward()``, or ``graph(x)`` (a :class:`fastglow.CudaGraphStep`
+    that does both) -> :class:`StepResult`. ``net``: the model, or the model in DistributedDataParallel (whose
+    backward averages the gradients over the ranks of ``dist``); the loss and ``counts`` are reduced over them
+    in one all-reduce (one host sync). The update itself (``optimizer.step()``) is the caller's, once the step
+    is accepted (:class:`fastglow.app.guard.Guard`); nothing here writes, logs or draws random numbers other
+    than the model's own."""
+    world = 1 if dist is None else dist.world
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    if graph is None:
+        loss = loss_fn(net, x, n_bins, y)
+        loss.backward()
+    else:
+        loss = graph(x)
+    model = getattr(net, "module", net)  # under DDP, the Glow inside the wrapper
+    stats = torch.stack([loss.detach().float(), gradient_norm(model.parameters()).float().to(loss.device),
+                         lu_log_scale_max(model).float().to(loss.device),
+                         *(torch.tensor(float(c * world), device=loss.device) for c in counts)])
+    if dist is not None:
+        stats = all_reduce_sum(stats, dist)
+    mean_loss, grad_norm, log_scale, *summed = (stats / world).tolist()  # gradients agree over the ranks already
+    return StepResult(mean_loss, grad_norm, log_scale, tuple(summed))
 
 
 @torch.no_grad()
