@@ -2,8 +2,9 @@
 fastglow and eager rosinality/glow-pytorch at one shape (3x32x32, K=16, L=3, width 512, batch 8), timed by the
 harness's one timer in this process: interleaved rounds (the order rotates from round to round), a figure is the
 median over rounds, a ratio the median of the per-round ratios. fastglow runs its defaults (reversible backprop,
-eager backend on CPU) with ``validate=False``, the setting in which a step is one graph; the compiled model is
-``torch.compile(model, fullgraph=True)`` (inductor), compiled by the untimed warm-up step.
+eager backend on CPU) with ``validate=False``, the setting in which a step is one graph (and, for scale, plain
+autograd, ``reversible=False``); the compiled model is ``torch.compile(model, fullgraph=True)`` (inductor),
+compiled by the untimed warm-up step.
 
     OMP_NUM_THREADS=2 python -m benchmarks.studies.compile_step --rosinality /tmp/rosinality/model.py --rounds 7
 """
@@ -22,7 +23,7 @@ from benchmarks.harness import ModelShape, build_model, time_rounds, training_st
 
 SHAPE = ModelShape("cifar", 3, 32, 16, 3, 512, True, 8)
 RATIOS = (("fastglow compiled", "fastglow eager"), ("fastglow compiled", "rosinality eager"),
-          ("fastglow eager", "rosinality eager"))
+          ("fastglow eager", "rosinality eager"), ("fastglow plain eager", "rosinality eager"))
 
 
 def steps(rosinality: str) -> dict:
@@ -30,9 +31,11 @@ def steps(rosinality: str) -> dict:
     ros, ros_run, x = build_model("rosinality", SHAPE, rosinality=rosinality)
     fast, fast_run, _ = build_model("fastglow-reversible", SHAPE, backend="eager", validate=False)
     compiled_model, _, _ = build_model("fastglow-reversible", SHAPE, backend="eager", validate=False)
+    plain, plain_run, _ = build_model("fastglow-plain", SHAPE, backend="eager", validate=False)
     compiled = torch.compile(compiled_model, fullgraph=True)
     return {"rosinality eager": lambda: training_step(ros, ros_run, x),
             "fastglow eager": lambda: training_step(fast, fast_run, x),
+            "fastglow plain eager": lambda: training_step(plain, plain_run, x),
             "fastglow compiled": lambda: training_step(compiled_model, compiled, x)}
 
 
