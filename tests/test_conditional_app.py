@@ -8,7 +8,8 @@ from PIL import Image
 
 from fastglow.app import checkpoint as ckpt_io
 from fastglow.app.cli import main
-from fastglow.app.data import bin_centres, digit_levels, load_dataset, load_labels, to_pixels
+from fastglow.app.data import bin_centres, digit_levels, load_dataset, to_pixels
+from fastglow.app.labels import load_labels
 from fastglow.app.errors import InputError
 
 TINY_FLAGS = ["--n-flow", "2", "--n-block", "2", "--hidden", "8", "--batch", "16", "--no-progress",

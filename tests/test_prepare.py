@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fastglow.app import prepare as prep
-from fastglow.app.data import folder_labels, load_dataset, load_labels, open_dataset, read_image
+from fastglow.app.data import load_dataset, open_dataset
+from fastglow.app.images import read_image
+from fastglow.app.labels import folder_labels, load_labels
 from fastglow.app.datasets import ArrayImages
 from fastglow.app.errors import InputError
 from fastglow.testing import assert_one_line_error, folder_state, run_cli, truncate_image, write_image_folder

@@ -30,7 +30,8 @@ import torch
 from fastglow.app import checkpoint as ckpt_io
 from fastglow.app.classes import classification_accuracy, split_labels
 from fastglow.app.config import TrainConfig
-from fastglow.app.data import dequantize, digit_levels, load_labels, split_dataset, to_levels, to_pixels
+from fastglow.app.data import dequantize, digit_levels, split_dataset, to_levels, to_pixels
+from fastglow.app.labels import load_labels
 from fastglow.app.distributed import Dist
 from fastglow.app.loop import train
 from fastglow.app.objective import build_model, evaluate

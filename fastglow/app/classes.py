@@ -8,13 +8,12 @@ and decode exactly (``reverse(..., reconstruct=True)``): t = 0 gives the image b
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
-from .data import bin_centres, load_labels, split_dataset
+from .data import bin_centres, split_dataset
 from .datasets import take
 from .errors import InputError
+from .labels import load_labels
 
 
 def split_labels(labels: torch.Tensor | None, test_fraction: float, split_seed: int):
@@ -23,23 +22,6 @@ def split_labels(labels: torch.Tensor | None, test_fraction: float, split_seed: 
     if labels is None:
         return None, None
     return split_dataset(labels, test_fraction, torch.Generator().manual_seed(split_seed))
-
-
-def labels_present(raw) -> tuple[torch.Tensor, list[str]]:
-    """Integer labels (N,) -> (ids 0..N_classes-1, names): the classes are the label values present, in
-    increasing order, named by their value ({0, 5} -> ids {0, 1} named "0", "5"; none created empty)."""
-    values, ids = torch.unique(torch.as_tensor(raw, dtype=torch.int64), sorted=True, return_inverse=True)
-    return ids, [str(v) for v in values.tolist()]
-
-
-def warn_empty_class_folders(root, names: list[str]) -> None:
-    """Say (one line) which subfolders of a class-folder data set hold no image, and so are no class."""
-    from pathlib import Path
-
-    empty = sorted(p.name for p in Path(root).iterdir() if p.is_dir() and p.name not in names)
-    if empty:
-        shown = ", ".join(empty[:10]) + (f" and {len(empty) - 10} more" if len(empty) > 10 else "")
-        print(f"fastglow: warning: {root}: subfolders without images are not classes: {shown}", file=sys.stderr)
 
 
 def run_labels(cfg, n_images: int):

@@ -294,7 +294,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _interpolate(args: argparse.Namespace) -> int:
-    from .data import bin_centres, image_grid, read_image, save_png, to_levels, to_pixels
+    from .data import bin_centres, image_grid, save_png, to_levels, to_pixels
+    from .images import read_image
     from .model_io import load_for_command
 
     if args.steps < 2:

@@ -11,16 +11,10 @@ A data set is a map-style set of uint8 quantisation *levels* (C, H, W) in [0, n_
     .npz     the same layout under the key ``images`` (or ``npz_key``; an archive with a single array needs
              none), read whole: for small sets (convert a large one to .npy, which is never read whole)
 The model sees x = (level + u) / n_bins - 0.5 with u ~ U[0, 1) (uniform dequantisation, one bin wide).
-
-Class labels (class-conditional runs, :func:`load_labels`): the digits' own 0..9; a folder's first-level
-subfolders, one per class (sorted names -> ids 0, 1, ...); an .npz's integer array ``labels`` (N,), whose values
-present, in increasing order, are the classes (ids 0, 1, ..., named by their value); a prepared .npy's
-``X.labels.npy`` (names in ``X.json``).
 """
 
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 
@@ -29,10 +23,9 @@ import torch
 
 from . import datasets
 from .errors import InputError, one_line
+from .images import convert_channels, refit
 
 DIGITS_LEVELS = 17  # pixel values 0..16
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 NPZ_DEFAULT_KEY = "images"
 
 
@@ -102,77 +95,6 @@ def open_dataset(source: str, img_size: int | None = None, channels: int | None 
     return datasets.open_folder(path, img_size or 64, channels, 8 - n_bits), 2 ** n_bits
 
 
-def image_files(root: Path) -> list[Path]:
-    """Every image file under ``root``, recursively (not into symlinked folders), in the data set's order: sorted
-    as paths (part by part)."""
-    return [Path(p) for p in image_paths(root)]
-
-
-def image_paths(root: Path) -> list[str]:
-    """:func:`image_files` as strings: one ``scandir`` per folder, no stat per file, no Path objects."""
-    found, folders = [], [str(root)]
-    while folders:
-        with os.scandir(folders.pop()) as entries:
-            for entry in entries:
-                if entry.is_dir() and not entry.is_symlink():
-                    folders.append(entry.path)
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
-                    found.append(entry.path)
-    return sorted(found, key=lambda p: p.split(os.sep))
-
-
-def read_image(path, img_size: int, channels: int, name=None) -> np.ndarray:
-    """One image (a file, or a file object named ``name``) -> uint8 (channels, img_size, img_size): shorter side
-    resized, centre-cropped. A JPEG at least twice as large is decoded at a reduced scale (1/2, 1/4 or 1/8, in
-    the DCT) no smaller than twice the target, then resized (Pillow's thumbnail with reducing_gap=2): a
-    1024x1024 JPEG trained at 256 decodes to 512x512 at a quarter of the cost."""
-    from PIL import Image
-
-    name = path if name is None else name
-    try:
-        with Image.open(path) as im:
-            if im.format == "JPEG" and min(im.size) >= 2 * img_size:
-                im.draft(None, (2 * img_size, 2 * img_size))
-            im.load()
-            if min(im.size) < img_size:
-                raise InputError(f"{name}: image is {im.width}x{im.height}, smaller than --img-size {img_size}")
-            pixels = fit_image(to_8_bit(im, name).convert("L" if channels == 1 else "RGB"), img_size)
-    except InputError:
-        raise
-    except Exception as err:  # noqa: BLE001
-        raise InputError(f"{name}: cannot read image ({one_line(err)})") from None
-    pixels = np.asarray(pixels, dtype=np.uint8)
-    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-
-
-def to_8_bit(im, path):
-    """Pillow's 16-bit grey modes (and "I" holding 0..65535, as older Pillow loads 16-bit PNGs) scaled to 8-bit
-    "L", v8 = round(v16 * 255 / 65535) (Pillow's own conversion clips them at 255); float images refused."""
-    from PIL import Image
-
-    if im.mode == "F":
-        raise InputError(f"{path}: floating-point image (mode F) has no fixed range; save it as 8 or 16 bits")
-    if not im.mode.startswith("I"):
-        return im
-    values = np.asarray(im).astype(np.int64)
-    if values.size and (values.min() < 0 or values.max() > 65535):
-        raise InputError(f"{path}: 32-bit image with values outside 0..65535; save it as 8 or 16 bits")
-    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8), "L")
-
-
-def fit_image(im, img_size: int):
-    """Resize (Lanczos) so the shorter side is ``img_size``, then crop the centre square."""
-    from PIL import Image
-
-    w, h = im.size
-    if min(w, h) != img_size:
-        scale = img_size / min(w, h)
-        w, h = max(img_size, round(w * scale)), max(img_size, round(h * scale))
-        im = im.resize((w, h), Image.Resampling.LANCZOS)
-    left, top = (w - img_size) // 2, (h - img_size) // 2
-    return im.crop((left, top, left + img_size, top + img_size))
-
-
 def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | None) -> np.ndarray:
     """A uint8 image array from an .npz -> (N, C, H, W); layout NHWC/NCHW/NHW detected from C in {1, 3}."""
     try:
@@ -203,109 +125,6 @@ def load_npz(path: Path, key: str | None, img_size: int | None, channels: int | 
             raise InputError(f"{path}: images are {arr.shape[3]}x{arr.shape[2]}, smaller than --img-size {img_size}")
         arr = np.stack([refit(a, img_size) for a in arr])
     return np.ascontiguousarray(arr)
-
-
-def convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
-    """(N, C, H, W) uint8: grey -> RGB by repetition, RGB -> grey by ITU-R 601 luma (Pillow's "L")."""
-    if channels == 3:
-        return np.repeat(arr, 3, axis=1)
-    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), arr.astype(np.float64), axes=([0], [1]))
-    return np.clip(np.round(luma), 0, 255).astype(np.uint8)[:, None]
-
-
-def refit(chw: np.ndarray, img_size: int) -> np.ndarray:
-    from PIL import Image
-
-    im = Image.fromarray(chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0))
-    out = np.asarray(fit_image(im, img_size), dtype=np.uint8)
-    return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# Class labels
-# ----------------------------------------------------------------------------------------------
-NPZ_LABELS_KEY = "labels"
-
-
-def load_labels(source: str, n_images: int) -> tuple[torch.Tensor, list[str]]:
-    """Class labels of the ``n_images`` images of ``source`` (as :func:`load_dataset` orders them) ->
-    (int64 labels (N,), class names; id k names class k)."""
-    if source == "digits":
-        from sklearn.datasets import load_digits as sklearn_digits
-
-        labels, names = torch.from_numpy(sklearn_digits().target.astype(np.int64)), [str(k) for k in range(10)]
-    elif (Path(source) / "data.mdb").is_file():
-        raise InputError(f"{source}: an LMDB data set holds no class labels; train it without --conditional")
-    elif Path(source).is_dir():
-        labels, names = folder_labels(Path(source))
-    elif datasets.is_npy(Path(source)):
-        labels, names = npy_labels(Path(source))
-    else:
-        labels, names = npz_labels(Path(source))
-    if labels.shape != (n_images,):
-        raise InputError(f"{source}: {labels.shape[0]} labels for {n_images} images")
-    if len(names) < 2:
-        raise InputError(f"{source}: a class-conditional run needs at least 2 classes, found {names}")
-    return labels, names
-
-
-def folder_labels(root: Path) -> tuple[torch.Tensor, list[str]]:
-    """One first-level subfolder per class: sorted subfolder names -> class ids 0, 1, ..."""
-    files = image_files(root)
-    loose = [f for f in files if f.parent == root]
-    if loose:
-        raise InputError(f"{loose[0]}: an image outside the class subfolders; a class-conditional run takes "
-                         f"one subfolder of {root} per class")
-    from .classes import warn_empty_class_folders
-
-    classes = [f.relative_to(root).parts[0] for f in files]
-    names = sorted(set(classes))
-    warn_empty_class_folders(root, names)
-    ids = {name: k for k, name in enumerate(names)}
-    return torch.tensor([ids[c] for c in classes], dtype=torch.int64), names
-
-
-def npz_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """The integer array ``labels`` (N,) of an .npz, values >= 0; the classes are the values present
-    (:func:`fastglow.app.classes.labels_present`)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if NPZ_LABELS_KEY not in archive.files:
-                raise InputError(f"{path}: no array named {NPZ_LABELS_KEY!r} (it holds {list(archive.files)}); "
-                                 "a class-conditional run needs one class label per image")
-            labels = archive[NPZ_LABELS_KEY]
-    except InputError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: cannot read .npz ({one_line(err)})") from None
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
-        raise InputError(f"{path}: {NPZ_LABELS_KEY!r} must be a 1-D integer array, got {labels.dtype} "
-                         f"of shape {labels.shape}")
-    if labels.size and labels.min() < 0:
-        raise InputError(f"{path}: {NPZ_LABELS_KEY!r} holds a negative class id ({labels.min()})")
-    from .classes import labels_present
-
-    return labels_present(labels.astype(np.int64))
-
-
-def npy_labels(path: Path) -> tuple[torch.Tensor, list[str]]:
-    """A prepared .npy's labels (``X.labels.npy`` beside it) and class names (its metadata ``X.json``)."""
-    labels_path = datasets.sidecars(path)[0]
-    if not labels_path.is_file():
-        raise InputError(f"{path}: no {labels_path.name} beside it; a class-conditional run needs one class label "
-                         "per image (fastglow prepare writes it for a folder of class subfolders)")
-    try:
-        labels = np.load(labels_path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{labels_path}: cannot read labels ({one_line(err)})") from None
-    if labels.ndim != 1 or labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
-        raise InputError(f"{labels_path}: expected a 1-D array of class ids >= 0")
-    names = datasets.prepared_meta(path).get("classes")
-    if not names:
-        from .classes import labels_present
-
-        return labels_present(labels.astype(np.int64))
-    return torch.from_numpy(labels.astype(np.int64)), list(names)
 
 
 # ----------------------------------------------------------------------------------------------

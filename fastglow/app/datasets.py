@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, one_line
+from .images import GREY_MODES, IMAGE_EXTENSIONS, convert_channels, image_paths, read_image, refit
 
 NPY_MAGIC = b"\x93NUMPY"
 HEADER_SAMPLE = 256  # images whose headers are checked at start-up (all of them in a smaller set)
@@ -95,8 +96,6 @@ class FolderImages(ImageSet):
         self.files = files
 
     def pixels(self, i: int) -> np.ndarray:
-        from .data import read_image
-
         return read_image(self.files[i], self.size, self.channels)
 
     def describe(self, i: int) -> str:
@@ -129,8 +128,6 @@ class ArrayImages(ImageSet):
         return np.frombuffer(data, dtype=np.uint8).reshape(self.item_shape)
 
     def pixels(self, i: int) -> np.ndarray:
-        from .data import convert_channels, refit
-
         a = self.raw(i)
         a = a.transpose(2, 0, 1) if self.layout == "NHWC" else a[None] if self.layout == "NHW" else a
         if a.shape[0] != self.channels:
@@ -159,8 +156,6 @@ class LmdbImages(ImageSet):
             raise InputError(f"{self.path}[{key.decode()}]: cannot read from the LMDB ({one_line(err)})") from None
 
     def pixels(self, i: int) -> np.ndarray:
-        from .data import read_image
-
         raw = self._get(self.key(i))
         if raw is None:
             raise InputError(f"{self.describe(i)}: no such key in the LMDB")
@@ -285,8 +280,6 @@ def open_folder(root: Path, img_size: int, channels: int | None, shift: int) -> 
     the rest when read; ``channels`` None: 1 if every sampled image is grey, else 3."""
     from PIL import Image
 
-    from .data import GREY_MODES, IMAGE_EXTENSIONS, image_paths
-
     files = image_paths(root)
     if not files:
         raise InputError(f"{root}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
@@ -366,7 +359,6 @@ def open_lmdb_set(path: Path, img_size: int | None, channels: int | None, shift:
     if channels is None:
         from PIL import Image
 
-        from .data import GREY_MODES
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 images.channels = 1 if im.mode in GREY_MODES else 3

@@ -26,7 +26,7 @@ PIXEL_SAMPLES = 64  # images per split whose bytes enter the fingerprint
 
 def image_keys(source: str, n_images: int) -> list[str]:
     """Each image's key, in the data set's order: a folder's relative paths, else the indices."""
-    from .data import image_files
+    from .images import image_files
 
     root = Path(source)
     if source != "digits" and root.is_dir():

@@ -127,7 +127,8 @@ def checkpoint_data(path, info: dict, data: str | None, n_bits: int | None, npz_
     """The data set a loaded checkpoint (``info`` from :func:`load_model`) is evaluated on: ``data``, else the
     run's own, checked against the model -> (its name, levels, int64 class labels, or None when the model is
     unconditional)."""
-    from .data import load_dataset, load_labels
+    from .data import load_dataset
+    from .labels import load_labels
 
     config = info["config"] or {}
     data = data or config.get("data")

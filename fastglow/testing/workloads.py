@@ -124,7 +124,7 @@ def build_model(impl: str, shape: ModelShape, device="cpu", *, rosinality=None, 
     generator, as rosinality's do: every implementation starts from the same weights). ActNorm is initialised on x and every
     parameter perturbed by ``sigma``. ``options`` go to fastglow.Glow (backend "triton" unless given);
     ``compile_backend``: torch.compile's (default inductor on CUDA, dynamo's tracing only elsewhere)."""
-    from fastglow.testing import initialized_model
+    from .models import initialized_model
     import numpy as np
     device = torch.device(device)
     torch.manual_seed(0)
