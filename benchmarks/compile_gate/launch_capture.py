@@ -25,26 +25,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastglow.testing.workloads import ModelShape
+
 PHASES = ("forward", "backward_reversible", "forward_plain", "backward_plain", "reverse", "sample")
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """A real training configuration: image size, levels, coupling, width, batch (DESIGN section 6)."""
-    name: str
-    img: int
-    n_block: int
-    affine: bool
-    batch: int
-    n_flow: int = 32
-    hidden: int = 512
-    in_channel: int = 3
-
-
-SHAPES = (
-    ModelShape("cifar32-affine", 32, 3, True, 64),
-    ModelShape("celeba256-additive", 256, 6, False, 16),
-    ModelShape("celeba256-affine", 256, 6, True, 16),
+SHAPES = (  # the real training configurations (DESIGN section 6): K=32, width 512
+    ModelShape("cifar32-affine", 3, 32, 32, 3, 512, True, 64),
+    ModelShape("celeba256-additive", 3, 256, 32, 6, 512, False, 16),
+    ModelShape("celeba256-affine", 3, 256, 32, 6, 512, True, 16),
 )
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 MIX_PRECISIONS = {"float32": ("ieee", "tf32x3"), "float64": ("ieee",)}  # fastglow.Glow(mix_precision=...)
@@ -197,7 +184,7 @@ def _model(shape: ModelShape, dtype, execute: bool, n_flow: int, hidden: int):
     torch.manual_seed(0)
     model = fastglow.Glow(shape.in_channel, n_flow, shape.n_block, affine=shape.affine, hidden_channels=hidden,
                           backend="triton", reversible=True).to(dtype)
-    x0 = torch.rand(1, shape.in_channel, shape.img, shape.img, dtype=dtype) - 0.5
+    x0 = torch.rand(1, shape.in_channel, shape.img_size, shape.img_size, dtype=dtype) - 0.5
     return initialized_model(model, x0)  # ActNorm's init runs eagerly on a real first batch
 
 
@@ -230,7 +217,7 @@ def capture(shape: ModelShape, dtype: str, *, execute: bool = False, batch: int 
     model.mix_precision = mix_precision
     b = batch or (1 if execute else shape.batch)
     device = "cpu" if execute else "meta"
-    x = torch.rand(b, shape.in_channel, shape.img, shape.img, dtype=torch_dtype, device=device) - 0.5
+    x = torch.rand(b, shape.in_channel, shape.img_size, shape.img_size, dtype=torch_dtype, device=device) - 0.5
     rec = Recorder(execute, shape.name, dtype)
     with rec.patched():
         _run_phases(model, rec, x)

@@ -52,9 +52,9 @@ def test_capture_finds_every_kernel_and_phase():
     assert len(names) >= 6
     assert {l.phase for l in launches} == set(launch_capture.PHASES)
     first = next(l for l in launches if l.spec.name == "_squeeze_fwd_kernel")  # the image, at the real batch
-    assert first.where == f"3x{shape.img}x{shape.img}"
+    assert first.where == f"3x{shape.img_size}x{shape.img_size}"
     block = dict(first.spec.constexprs)["BLOCK"]
-    assert first.programs == -(-shape.batch * 3 * shape.img ** 2 // block)
+    assert first.programs == -(-shape.batch * 3 * shape.img_size ** 2 // block)
 
 
 def test_sm90_gate_passes():

@@ -24,7 +24,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from benchmarks.compile_gate.launch_capture import SHAPES, ModelShape
+from benchmarks.compile_gate.launch_capture import SHAPES
+from fastglow.testing.workloads import ModelShape
 
 BYTES = 4
 HBM_BPS = 3.0e12
@@ -142,7 +143,7 @@ def coupling_network(c: int, affine: bool, width: int) -> Op:
 # ------------------------------------------------------------------------------------------------
 def levels(shape: ModelShape):
     """(C, H, W) of each level's flow steps (after its squeeze)."""
-    c, size = shape.in_channel, shape.img
+    c, size = shape.in_channel, shape.img_size
     for _ in range(shape.n_block):
         c, size = 4 * c, size // 2
         yield c, size, size
