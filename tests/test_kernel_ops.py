@@ -10,17 +10,13 @@ from fastglow.kernels.channel_mix import channel_mix, channel_mix_grad, channel_
 from fastglow.kernels.coupling import coupling, coupling_grad, coupling_mix_inverse, coupling_mix_op
 from fastglow.kernels.lu_weight import lu_weight, lu_weight_grad, perm_from_matrix
 from fastglow.kernels.squeeze import squeeze
+from fastglow.testing import kernel_operands
 
 F64 = dict(dtype=torch.float64)
 
 
 def _randn(*shape, grad=False):
     return torch.randn(*shape, **F64).requires_grad_(grad)
-
-
-def _coupling_operands(affine, c=6, grad=True):
-    c_h = c if affine else c // 2
-    return _randn(2, c, 3, 5, grad=grad), _randn(2, c_h, 3, 5, grad=grad), (0.3 * _randn(c_h)).requires_grad_(grad)
 
 
 def _lu_operands(c=5, steps=2, grad=True):
@@ -32,7 +28,6 @@ def _lu_operands(c=5, steps=2, grad=True):
 
 def _cases():
     torch.manual_seed(0)
-    mix = _randn(6, 6, grad=True)
     yield "squeeze", squeeze, (_randn(2, 3, 4, 6, grad=True), False)
     yield "unsqueeze", squeeze, (_randn(1, 8, 3, 2, grad=True), True)
     yield "lu_weight", lu_weight, _lu_operands()
@@ -40,19 +35,22 @@ def _cases():
     w_inv = lu_weight(perm, w_l, w_u, w_s, s_sign)[1]
     yield "lu_weight_backward", lu_weight_grad, (perm, w_l, w_u, w_s, s_sign, w_inv, _randn(2, 5, 5),
                                                  _randn(2, 5, 5), _randn(2))
-    yield "channel_mix", channel_mix, (_randn(2, 6, 3, 5, grad=True), mix, _randn(6, grad=True), "ieee")
-    yield "channel_mix_nobias", channel_mix, (_randn(2, 6, 3, 5, grad=True), mix, None, "ieee")
-    yield "channel_mix_backward", channel_mix_grad, (_randn(2, 6, 3, 5), mix.detach(), _randn(2, 6, 3, 5), "ieee")
-    yield "channel_mix_rebuild_backward", channel_mix_rebuild_grad, (
-        _randn(2, 6, 3, 5), _randn(2, 6, 3, 5), mix.detach(), torch.linalg.inv(mix.detach()), _randn(6), "ieee")
     for affine in (True, False):
-        y, h_raw, zscale = _coupling_operands(affine)
-        yield f"coupling-{affine}", coupling, (y, h_raw, zscale, affine)
-        yield f"coupling_mix-{affine}", coupling_mix_op, (y, h_raw, zscale, mix, _randn(6, grad=True), affine, True,
-                                                          "ieee")
-        args = tuple(t.detach() for t in (y, h_raw, zscale))
-        yield f"coupling_mix_inverse-{affine}", coupling_mix_inverse, (*args, mix.detach(), _randn(6), affine, "ieee")
-        yield f"coupling_backward-{affine}", coupling_grad, (args[0], _randn(2, 6, 3, 5), *args[1:], _randn(2), affine)
+        t = kernel_operands((2, 6, 3, 5), torch.float64, affine, seed=int(affine))  # x, h_raw, zscale, mix, grad
+        x, h_raw, zscale, mix, bias = (t[n].requires_grad_() for n in ("x", "h_raw", "zscale", "mix_weight",
+                                                                      "mix_bias"))
+        if affine:
+            yield "channel_mix", channel_mix, (x, mix, bias, "ieee")
+            yield "channel_mix_nobias", channel_mix, (x, mix, None, "ieee")
+            yield "channel_mix_backward", channel_mix_grad, (x.detach(), mix.detach(), t["grad"], "ieee")
+            yield "channel_mix_rebuild_backward", channel_mix_rebuild_grad, (
+                x.detach(), t["grad"], mix.detach(), t["mix_weight_inv"], t["mix_bias_inv"], "ieee")
+        yield f"coupling-{affine}", coupling, (x, h_raw, zscale, affine)
+        yield f"coupling_mix-{affine}", coupling_mix_op, (x, h_raw, zscale, mix, bias, affine, True, "ieee")
+        args = tuple(v.detach() for v in (x, h_raw, zscale))
+        yield f"coupling_mix_inverse-{affine}", coupling_mix_inverse, (*args, t["mix_weight_inv"], t["mix_bias_inv"],
+                                                                        affine, "ieee")
+        yield f"coupling_backward-{affine}", coupling_grad, (args[0], t["grad"], *args[1:], t["grad_logdet"], affine)
 
 
 CASES = list(_cases())

@@ -14,7 +14,7 @@ from fastglow.kernels.coupling import coupling, coupling_mix
 from fastglow.kernels.lu_weight import lu_weight, perm_from_matrix
 from fastglow.kernels.squeeze import squeeze
 from fastglow.level_backward import level_backward
-from fastglow.testing import models_on_one_state, perturb_, rel_error
+from fastglow.testing import kernel_operands, models_on_one_state, perturb_, rel_error
 
 
 pytestmark = pytest.mark.usefixtures("on_device")  # CUDA when there is one, else CPU (Triton: the interpreter)
@@ -39,26 +39,20 @@ def test_lu_weight_function_gradcheck(c, steps):
         torch.testing.assert_close(w[k], m.calc_weight(), rtol=1e-12, atol=1e-12)
 
 
+def _operands(affine, *names, seed=0):
+    """The named kernel operands (:func:`fastglow.testing.kernel_operands`: activation x, h_raw, zscale, a
+    well-conditioned mix) at a small odd shape (2, 6, 1, 3), float64, requiring grad."""
+    operands = kernel_operands((2, 6, 1, 3), torch.float64, affine, torch.get_default_device(), seed)
+    return [operands[name].requires_grad_() for name in names]
+
+
 def test_channel_mix_function_gradcheck():
-    torch.manual_seed(0)
-    x = torch.randn(2, 6, 2, 3, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(6, 6, dtype=torch.float64, requires_grad=True)
-    c = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(channel_mix, (x, a, c))
-
-
-def _coupling_operands(affine, c=6, seed=0):
-    """(y, h_raw, zscale) at a small odd shape, float64, requiring grad."""
-    torch.manual_seed(seed)
-    c_h = c if affine else c // 2
-    y = torch.randn(2, c, 1, 3, dtype=torch.float64, requires_grad=True)
-    h_raw = torch.randn(2, c_h, 1, 3, dtype=torch.float64, requires_grad=True)
-    return y, h_raw, (0.3 * torch.randn(c_h, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(channel_mix, _operands(True, "x", "mix_weight", "mix_bias"))
 
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_coupling_function_gradcheck(affine):
-    y, h_raw, zscale = _coupling_operands(affine)
+    y, h_raw, zscale = _operands(affine, "x", "h_raw", "zscale")
     assert torch.autograd.gradcheck(lambda *a: coupling(*a, affine), (y, h_raw, zscale))
 
 
@@ -118,11 +112,8 @@ def test_reverse_stays_differentiable_on_the_triton_backend():
 
 @pytest.mark.parametrize("affine", [True, False])
 def test_coupling_mix_function_gradcheck(affine):
-    c = 6
-    y, h_raw, zscale = _coupling_operands(affine, c, seed=1)
-    a = torch.randn(c, c, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(c, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: coupling_mix(*t, affine, True), (y, h_raw, zscale, a, bias))
+    operands = _operands(affine, "x", "h_raw", "zscale", "mix_weight", "mix_bias", seed=1)
+    assert torch.autograd.gradcheck(lambda *t: coupling_mix(*t, affine, True), operands)
 
 
 @pytest.mark.parametrize("affine,conv_lu", [(True, True), (False, False)])

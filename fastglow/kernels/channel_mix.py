@@ -191,12 +191,13 @@ def _mix_shape(x, mix_weight, *_):
 
 
 def _grad_shapes(grad_y, mix_weight, x, *_):
-    return torch.empty_like(x), torch.empty_like(mix_weight), mix_weight.new_empty(mix_weight.shape[:1])
+    return x.new_empty(x.shape), mix_weight.new_empty(mix_weight.shape), mix_weight.new_empty(mix_weight.shape[:1])
 
 
 def _rebuild_grad_shapes(y, grad_y, mix_weight, *_):
     x = y.new_empty((y.shape[0], mix_weight.shape[1], *y.shape[2:]))
-    return x, torch.empty_like(x), torch.empty_like(mix_weight), mix_weight.new_empty(mix_weight.shape[:1])
+    grad_w = mix_weight.new_empty(mix_weight.shape)  # contiguous whatever mix_weight's strides, as the launcher's
+    return x, x.new_empty(x.shape), grad_w, mix_weight.new_empty(mix_weight.shape[:1])
 
 
 def _mix_setup(ctx, inputs, output):

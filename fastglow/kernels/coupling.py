@@ -168,12 +168,12 @@ def _coupling_grad(out, grad_out, h_raw, zscale, grad_logdet, affine):
 
 
 def _coupling_shapes(y, *_):
-    return torch.empty_like(y), y.new_empty(y.shape[:1])
+    return y.new_empty(y.shape), y.new_empty(y.shape[:1])
 
 
 def _coupling_mix_shapes(y, h_raw, zscale, mix_weight, mix_bias, affine, store, *_):
     mixed = y.new_empty((y.shape[0], mix_weight.shape[0], *y.shape[2:]))
-    return mixed, y.new_empty(y.shape[:1]), torch.empty_like(y) if store else y.new_empty(0)
+    return mixed, y.new_empty(y.shape[:1]), y.new_empty(y.shape) if store else y.new_empty(0)
 
 
 def _inverse_shape(out, h_raw, zscale, mix_weight_inv, *_):
@@ -181,7 +181,7 @@ def _inverse_shape(out, h_raw, zscale, mix_weight_inv, *_):
 
 
 def _coupling_grad_shapes(out, grad_out, h_raw, zscale, *_):
-    return torch.empty_like(out), torch.empty_like(out), torch.empty_like(h_raw), torch.empty_like(zscale)
+    return tuple(t.new_empty(t.shape) for t in (out, out, h_raw, zscale))  # contiguous, as the launcher's
 
 
 def _coupling_setup(ctx, inputs, output):

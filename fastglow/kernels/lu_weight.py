@@ -275,7 +275,7 @@ def _lu_weight(perm, w_l, w_u, w_s, s_sign):
 
 
 def _lu_weight_shapes(perm, w_l, w_u, w_s, s_sign):
-    return torch.empty_like(w_l), torch.empty_like(w_l), w_l.new_empty(w_l.shape[:1])
+    return w_l.new_empty(w_l.shape), w_l.new_empty(w_l.shape), w_l.new_empty(w_l.shape[:1])
 
 
 @torch.library.custom_op("fastglow::lu_weight_backward", mutates_args=())
@@ -288,7 +288,7 @@ def lu_weight_grad(perm: torch.Tensor, w_l: torch.Tensor, w_u: torch.Tensor, w_s
 
 
 def _lu_weight_grad_shapes(perm, w_l, w_u, w_s, *_):
-    return torch.empty_like(w_l), torch.empty_like(w_l), torch.empty_like(w_s)
+    return w_l.new_empty(w_l.shape), w_l.new_empty(w_l.shape), w_s.new_empty(w_s.shape)
 
 
 def _lu_setup(ctx, inputs, output):
