@@ -61,9 +61,9 @@ class Glow(reference.Glow):
         self.reversible = reversible
         self.reversible_tol = reversible_tol
         self.backward_chunk = backward_chunk
-        self.net_options = NetOptions(autocast_dtype, channels_last)  # how the backends run the coupling networks
+        self._net_options = NetOptions(autocast_dtype, channels_last)
         self._reconstruction = ReconstructionMonitor(n_block)
-        self._level_handles = [LevelHandle(block.flows, None, self._reconstruction, i, self.net_options)
+        self._level_handles = [LevelHandle(block.flows, None, self._reconstruction, i, self._net_options)
                                for i, block in enumerate(self.blocks)]  # the reversible level ops' keys
         self.validate, self.mix_precision = validate, mix_precision
         if channels_last:
@@ -71,6 +71,12 @@ class Glow(reference.Glow):
                 for flow in block.flows:
                     flow.coupling.net.to(memory_format=torch.channels_last)
         self.last_img_size: tuple[int, int] | None = None
+
+    @property
+    def net_options(self) -> NetOptions:
+        """How the backends run the coupling networks (``autocast_dtype``, ``channels_last``): fixed at
+        construction, as every level op's handle holds it too."""
+        return self._net_options
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:

@@ -61,6 +61,20 @@ def test_bf16_autocast_runs_only_the_networks_in_bf16_even_inside_a_callers_auto
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_actnorm_init_and_a_differentiable_reverse_run_the_networks_under_the_options(backend, device):
+    """The two paths outside a level's forward that run coupling networks: the ActNorm init pass of a fresh
+    model and, on the Triton backend, the eager inverse taken while autograd records (latents requiring grad)."""
+    fast = fastglow.Glow(3, 3, 2, hidden_channels=16, backend=backend, autocast_dtype=torch.bfloat16).to(device)
+    seen = _record_dtypes(fast)
+    x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device) - 0.5
+    _, _, z = fast(x)  # first batch: the init pass, then the level's forward
+    assert fast.actnorm_initialized() and seen["net"] == {torch.bfloat16}
+    seen["net"].clear()
+    fast.reverse([t.detach().requires_grad_() for t in z], reconstruct=True).sum().backward()
+    assert seen["net"] == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bf16_autocast_reversible_gradients_match_plain_autograd(backend, device):
     """The reversible backward re-runs each network under the same autocast: the same bf16 values."""
     x, _, rev = _pair(backend, device, autocast_dtype=torch.bfloat16)

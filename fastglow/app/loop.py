@@ -68,8 +68,9 @@ def train_step(state: RunState) -> tuple[float, float]:
     progress.step += 1
     lr = learning_rate(setup.cfg, progress.step)
     try:
+        graph = _graph(state, x)  # --cuda-graph: captured here at the first step (its own warm-up, grads None)
         result = gradient_step(setup.net, setup.optimizer, x, y, lr=lr, n_bins=setup.cfg.n_bins, dist=setup.dist,
-                               loss_fn=training_loss, graph=_graph(state, x), counts=(len(bad),))
+                               loss_fn=training_loss, graph=graph, counts=(len(bad),))
     except torch.linalg.LinAlgError as err:  # the reversible backward inverts the 1x1 convolutions
         _diverge(state, f"the model stopped being invertible at step {progress.step} ({one_line(err)})")
     if why := guard.singular(result.log_scale):

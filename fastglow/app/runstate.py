@@ -35,7 +35,8 @@ from .sampler import TrainData
 
 @dataclasses.dataclass
 class RunSetup:
-    """What a run is made of: fixed from its start (or resume) to its end."""
+    """What a run is made of, set up at its start (or resume): the config, processes, data, model and optimizer
+    (the DDP wrapper, the run id, the sample latents and the CUDA graph are filled in once, then kept)."""
     cfg: TrainConfig
     dist: Dist
     train_set: Split  # uint8 levels
