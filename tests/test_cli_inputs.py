@@ -161,7 +161,8 @@ def test_item12_main_leaves_the_callers_thread_count_alone(ckpt, tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # not the --threads below (a test worker may run with 1 thread)
     try:
-        assert main(["sample", "--ckpt", str(ckpt), "--n", "2", "--threads", "1", "--out", str(tmp_path / "s.png")]) == 0
+        out = str(tmp_path / "s.png")
+        assert main(["sample", "--ckpt", str(ckpt), "--n", "2", "--threads", "1", "--out", out]) == 0
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -18,8 +18,8 @@ import torch
 from .base import BACKEND_PRIMITIVES, DEFAULT_NET, Backend, FoldedMix, NetOptions, fold_mixes, full_precision
 from .eager import EagerSteps
 
-__all__ = ["BACKEND_PRIMITIVES", "DEFAULT_NET", "Backend", "EagerSteps", "FoldedMix", "NetOptions", "TritonSteps", "fold_mixes",
-           "full_precision", "select_backend", "triton_interpreter_enabled"]
+__all__ = ["BACKEND_PRIMITIVES", "DEFAULT_NET", "Backend", "EagerSteps", "FoldedMix", "NetOptions", "TritonSteps",
+           "fold_mixes", "full_precision", "select_backend", "triton_interpreter_enabled"]
 
 
 def triton_interpreter_enabled() -> bool:
