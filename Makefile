@@ -32,11 +32,11 @@ test: $(BIN)/.installed
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 # The GPU machine's Triton (and the numpy its interpreter needs), pinned in benchmarks/gpu_run/gpu_stack.txt, beside the
-# same CPU torch: the kernel and backend tests under its interpreter, and the sm_90 gate compiled by its compiler.
+# same CPU torch: the kernel tests and every op's opcheck (the level ops through the Triton backend included) under
+# its interpreter, and the sm_90 gate compiled by its compiler.
 GPU_STACK_VENV ?= .venv-gpustack
 GPU_STACK_BIN := $(GPU_STACK_VENV)/bin
 GPU_STACK_TESTS := tests/test_kernels_flow_step.py tests/test_kernels_lu_squeeze.py tests/test_kernel_ops.py \
-	tests/test_triton_backend.py \
 	benchmarks/compile_gate/test_compile_gate.py benchmarks/compile_gate/test_launch_capture.py
 
 $(GPU_STACK_BIN)/.installed: pyproject.toml benchmarks/gpu_run/gpu_stack.txt
