@@ -125,12 +125,14 @@ def _step_backward(step, k, fold, out, grad, grad_logdet, backend, grads, parts,
 
 
 def _chunk_backward(step, k, fold, out, grad, grad_logdet, backend, grads, owned):
-    """One step's backward on one batch chunk: the network once, the coupling and mix primitives. The network
-    reads a copy of out's first half (half a step input: the coupling primitive may rebuild out's second half
-    in place while the network's graph holds what it read, and a view would share out's version counter)."""
+    """One step's backward on one batch chunk: the network once, the coupling and mix primitives. Where the
+    coupling primitive rebuilds out's second half in place (``owned`` and a backend that reuses buffers), the
+    network reads a copy of out's first half: its graph holds what it read, and a view would share out's
+    version counter. Else it reads a view (no copy of half a step input)."""
     half = out.shape[1] // 2
     net_slots = [grads.net_slots[k]]
-    out_a = out[:, :half].clone().requires_grad_()
+    in_place = owned and backend.reuses_buffers
+    out_a = (out[:, :half].clone() if in_place else out[:, :half].detach()).requires_grad_()
     leaves = [t.detach().requires_grad_() for t in _tensors(net_slots)]
     with torch.enable_grad():
         net_out = call_with([step], net_slots, leaves, lambda s, v: tuple(backend.coupling_net(s[0].coupling, v)),

@@ -74,6 +74,7 @@ class Backend(Protocol):
 
     name: str
     net: NetOptions  # how the coupling networks run
+    reuses_buffers: bool  # whether coupling_backward(reuse=True) writes over its out and grad_out
     fold_group: int | None  # steps folded and differentiated together in the backward (None: the whole level)
 
     def squeeze(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ class EagerSteps:
 
     name = "eager"
     fold_group = 1  # the reference's per-step weight maths keeps many small tensors for its backward
+    reuses_buffers = True  # coupling_backward(reuse=True) rebuilds y_b over out_b
 
     def __init__(self, net: NetOptions = DEFAULT_NET):
         self.net = net

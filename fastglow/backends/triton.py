@@ -103,6 +103,7 @@ class TritonSteps:
 
     name = "triton"
     fold_group = None  # one batched LU launch each way per level
+    reuses_buffers = False  # coupling_backward declines reuse: the kernel writes fresh buffers
 
     def __init__(self, mix_precision: str = "ieee", net: NetOptions = DEFAULT_NET):
         self.mix_precision = mix_precision  # tl.dot input precision of the 1x1 mix: "ieee" or "tf32x3"
