@@ -9,9 +9,8 @@ import numbers
 import numpy as np
 import torch
 
-from . import reference
 from .kernels.utils import MIX_PRECISIONS  # the Triton 1x1 mix's tl.dot input precisions
-from .reference import z_shapes
+from .likelihood import bits_per_dim, z_shapes
 
 BACKENDS = ("auto", "eager", "triton")
 AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
@@ -202,18 +201,18 @@ def check_labels(y, n_classes: int | None, batch: int, device: torch.device, req
 
 
 def checked_z_shapes(in_channel, img_size, n_block) -> list[tuple[int, int, int]]:
-    """``fastglow.z_shapes``: :func:`fastglow.reference.z_shapes` after refusing arguments it would silently
+    """``fastglow.z_shapes``: :func:`fastglow.likelihood.z_shapes` after refusing arguments it would silently
     get wrong (an image size that is not a multiple of 2**n_block, non-integers)."""
     _positive_int("in_channel", in_channel)
     check_n_block(n_block)
-    return reference.z_shapes(int(in_channel), check_img_size(img_size, n_block), int(n_block))
+    return z_shapes(int(in_channel), check_img_size(img_size, n_block), int(n_block))
 
 
 def checked_bits_per_dim(log_p, logdet, image_shape, n_bins, reduction: str = "mean"):
-    """``fastglow.bits_per_dim``: :func:`fastglow.reference.bits_per_dim` after checking n_bins is a finite
+    """``fastglow.bits_per_dim``: :func:`fastglow.likelihood.bits_per_dim` after checking n_bins is a finite
     number >= 1 (log n_bins is in the formula)."""
     if isinstance(n_bins, bool) or not isinstance(n_bins, numbers.Real):
         raise TypeError(f"n_bins must be a number, got {type(n_bins).__name__}")
     if not (math.isfinite(n_bins) and n_bins >= 1):
         raise ValueError(f"n_bins must be a finite number >= 1 (levels per channel, e.g. 256), got {n_bins}")
-    return reference.bits_per_dim(log_p, logdet, image_shape, n_bins, reduction)
+    return bits_per_dim(log_p, logdet, image_shape, n_bins, reduction)

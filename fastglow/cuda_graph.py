@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .reference import bits_per_dim
+from .likelihood import bits_per_dim
 
 
 def bits_per_dim_loss(n_bins: int) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:

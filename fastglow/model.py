@@ -13,6 +13,7 @@ from .backends import NetOptions, select_backend
 from .checks import (check_class_config, check_config, check_execution_options, check_image, check_img_size,
                      check_labels, check_matches_model, check_sample_args, check_z_list)
 from .conditional import DEFAULT_CLASS_WEIGHT
+from .likelihood import z_shapes
 from .reversible import (LevelHandle, ReconstructionMonitor, ReversibleOptions, check_reversible_options,
                          reversible_steps)
 
@@ -173,5 +174,5 @@ class Glow(reference.Glow):
         check_labels(y, self.n_classes, n, ref.device)
         z_list = [temperature * torch.randn(n, *shape, generator=generator, dtype=ref.dtype,
                                             device=ref.device)
-                  for shape in reference.z_shapes(self.in_channel, img_size, self.n_block)]
+                  for shape in z_shapes(self.in_channel, img_size, self.n_block)]
         return self.reverse(z_list, y=y)
