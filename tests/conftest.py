@@ -38,9 +38,21 @@ def _uses_float64(item) -> bool:
     return "float64" in item.name or "gradcheck" in item.name or any(v is torch.float64 or (isinstance(v, (tuple, list)) and torch.float64 in v) for v in params.values())
 
 
+# The slowest tests on 2 CPU cores (pytest --durations; 15-60 s each, the rest under 15 s), started first under
+# pytest-xdist so that no worker is left with one of them while the other has finished.
+SLOW_FIRST = ("test_backward_chunks_give_the_unchunked_gradients", "test_every_phase_ran_and_the_run_says_so",
+              "test_sm90_gate_passes", "test_step_memory_against_depth",
+              "test_ill_conditioned_level_falls_back_to_exact_gradients",
+              "test_torchrun_with_workers_killed_then_resumed_is_bit_identical",
+              "test_peak_memory_with_backward_chunks_grows_with_the_batch_by_level_tensors_only",
+              "test_every_command_line_runs_in_order_at_tiny_sizes", "test_peak_rss_of_a_training_step_is_flat_in_depth")
+
+
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--float64-last", default=False):
         items.sort(key=_uses_float64)  # stable: each group keeps its order
+    elif os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.originalname not in SLOW_FIRST)  # stable; the same order on every worker
 
 
 @pytest.fixture
